@@ -37,6 +37,8 @@ def number(
     """Check that ``value`` is a real number in the given interval (or a schedule, if allowed)."""
     if schedule_ok and callable(value):
         return
+    if _is_traced(value):
+        return  # a value injected at run time (inject_hyperparams): its range is the caller's contract
     kind = "a real number or a schedule" if schedule_ok else "a real number"
     if isinstance(value, bool) or not _is_real_scalar(value):
         raise TypeError(f"{owner}: {name} must be {kind}, got {value!r} of type {type(value).__name__}")
@@ -46,6 +48,12 @@ def number(
     too_high = high is not None and (value >= high if high_open else value > high)
     if math.isnan(value) or too_low or too_high:
         raise ValueError(f"{owner}: {name} must be {accepted}, got {value!r}")
+
+
+def _is_traced(value: Any) -> bool:
+    import jax
+
+    return isinstance(value, jax.core.Tracer)
 
 
 def _is_real_scalar(value: Any) -> bool:

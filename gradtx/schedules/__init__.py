@@ -1,0 +1,45 @@
+"""Schedules: pure, jit- and vmap-safe functions ``count -> float32``, and combinators on them."""
+
+from gradtx.schedules.combinators import clamp_schedule, join_schedules, repeat_schedule, scale_schedule, with_warmup
+from gradtx.schedules.primitives import (
+    constant_schedule,
+    cosine_decay_schedule,
+    cosine_onecycle_schedule,
+    cosine_warm_restarts_schedule,
+    exponential_decay,
+    inverse_sqrt_schedule,
+    inverse_time_decay,
+    linear_onecycle_schedule,
+    linear_schedule,
+    piecewise_constant_schedule,
+    piecewise_interpolate_schedule,
+    polynomial_schedule,
+    sgdr_schedule,
+    warmup_constant_schedule,
+    warmup_cosine_decay_schedule,
+    warmup_exponential_decay_schedule,
+)
+
+__all__ = [
+    "clamp_schedule",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "cosine_onecycle_schedule",
+    "cosine_warm_restarts_schedule",
+    "exponential_decay",
+    "inverse_sqrt_schedule",
+    "inverse_time_decay",
+    "join_schedules",
+    "linear_onecycle_schedule",
+    "linear_schedule",
+    "piecewise_constant_schedule",
+    "piecewise_interpolate_schedule",
+    "polynomial_schedule",
+    "repeat_schedule",
+    "scale_schedule",
+    "sgdr_schedule",
+    "warmup_constant_schedule",
+    "warmup_cosine_decay_schedule",
+    "warmup_exponential_decay_schedule",
+    "with_warmup",
+]
