@@ -91,3 +91,125 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     if callable(learning_rate):
         return scale_by_schedule(lambda count: sign * learning_rate(count))
     return scale(sign * learning_rate)
+
+
+def scale_by_trust_ratio(min_norm: float = 0.0, trust_coefficient: float = 1.0, eps: float = 0.0) -> GradientTransformation:
+    r"""Rescale each leaf by its layer-wise trust ratio (LARS, LAMB).
+
+    .. math::
+
+        r = c \, \frac{\max(\|p\|, n_{min})}{\max(\|u\|, n_{min}) + \epsilon}, \qquad
+        u \leftarrow r \, u
+
+    per leaf (one ratio per parameter array), with :math:`r = 1` where either norm is zero so
+    that a zero-initialised layer or a zero update is not frozen. Norms are computed in at
+    least float32; the updates keep their dtype.
+
+    Args:
+        min_norm: :math:`n_{min}`, a lower bound on both norms (``>= 0``).
+        trust_coefficient: :math:`c`, a multiplier of the ratio.
+        eps: :math:`\epsilon`, added to the update norm in the denominator (``>= 0``).
+
+    Returns:
+        A stateless ``GradientTransformation``. Its ``update`` needs ``params``.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.scale_by_trust_ratio()
+        >>> params = jnp.array([3.0, 4.0])
+        >>> tx.update(jnp.array([0.0, 0.5]), tx.init(params), params)[0]
+        Array([0., 5.], dtype=float32)
+
+    References:
+        You et al., 2017. Large Batch Training of Convolutional Networks (LARS), https://arxiv.org/abs/1708.03888
+
+        You et al., 2020. Large Batch Optimization for Deep Learning: Training BERT in 76 minutes (LAMB),
+        https://arxiv.org/abs/1904.00962
+    """
+    owner = "scale_by_trust_ratio"
+    _checks.non_negative(owner, "min_norm", min_norm)
+    _checks.number(owner, "trust_coefficient", trust_coefficient)
+    _checks.non_negative(owner, "eps", eps)
+
+    def per_leaf(u, p):
+        param_norm = _norm_at_least(p, min_norm)
+        update_norm = _norm_at_least(u, min_norm)
+        trust_ratio = trust_coefficient * param_norm / (update_norm + eps)
+        trust_ratio = jnp.where((param_norm == 0.0) | (update_norm == 0.0), 1.0, trust_ratio)
+        return (u * trust_ratio).astype(u.dtype)
+
+    return elementwise(owner, per_leaf, needs_params=True)
+
+
+def _norm_at_least(x: jax.Array, min_norm) -> jax.Array:
+    """``max(||x||_2, min_norm)`` in at least float32, with finite derivatives at ``x = 0``."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    norm = jnp.linalg.norm(wide)
+    # d||x||/dx is NaN at x = 0 even on the branch jnp.where discards; the norm of a stand-in
+    # of ones keeps differentiating through the update (meta-learning) finite.
+    too_small = norm <= min_norm
+    safe_norm = jnp.linalg.norm(jnp.where(too_small, jnp.ones_like(wide), wide))
+    return jnp.where(too_small, min_norm, safe_norm)
+
+
+def scale_by_sign() -> GradientTransformation:
+    r"""Replace every update by its sign: :math:`u_t = \operatorname{sign}(g_t)`.
+
+    For complex updates the sign is :math:`g / |g|` (and ``0`` at ``0``).
+
+    Returns:
+        A stateless ``GradientTransformation``.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.scale_by_sign()
+        >>> tx.update(jnp.array([-3.0, 0.0, 0.2]), tx.init(jnp.zeros(3)))[0]
+        Array([-1.,  0.,  1.], dtype=float32)
+
+    References:
+        Bernstein et al., 2018. signSGD: Compressed Optimisation for Non-Convex Problems, https://arxiv.org/abs/1802.04434
+    """
+    return elementwise("scale_by_sign", jnp.sign)
+
+
+def centralize() -> GradientTransformation:
+    r"""Gradient centralization: remove from each weight its mean over the fan-in axes.
+
+    For every leaf with at least two dimensions, laid out as ``(..., out_features)``,
+
+    .. math::
+
+        u_{\ldots, j} = g_{\ldots, j} - \operatorname{mean}_{\ldots}(g_{\ldots, j}),
+
+    i.e. the mean over all axes except the **last** is subtracted, so each output unit's
+    incoming weight gradient has zero mean. Leaves with fewer than two dimensions (biases,
+    scales) pass through unchanged.
+
+    Layout: Flax kernels keep the output features last (``Dense``: ``(in, out)``, ``Conv``:
+    ``(h, w, in, out)``), which is what this follows. The paper and its PyTorch code keep
+    output channels first (``(out, in, h, w)``) and average over the trailing axes, as does
+    ``optax.centralize``; on a transposed layout the two agree.
+
+    Returns:
+        A stateless ``GradientTransformation``.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.centralize()
+        >>> g = jnp.array([[1.0, 4.0], [3.0, 8.0]])
+        >>> tx.update(g, tx.init(g))[0]
+        Array([[-1., -2.],
+               [ 1.,  2.]], dtype=float32)
+
+    References:
+        Yong et al., 2020. Gradient Centralization: A New Optimization Technique for Deep Neural Networks,
+        https://arxiv.org/abs/2004.01461
+    """
+
+    def per_leaf(g):
+        if g.ndim < 2:
+            return g
+        fan_in_axes = tuple(range(g.ndim - 1))
+        return g - jnp.mean(g, axis=fan_in_axes, keepdims=True)
+
+    return elementwise("centralize", per_leaf)

@@ -1,0 +1,260 @@
+"""Adafactor (Shazeer & Stern, 2018): a second moment stored as row and column factors, with update clipping."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradtx import _checks, tree
+from gradtx.base import GradientTransformation, ScalarOrSchedule, elementwise, identity
+from gradtx.combine import chain
+from gradtx.optimizers.adam import _abs_sq, _at_least_float32, _real_at_least_float32, _unzip
+from gradtx.transforms.clipping import clip_by_block_rms
+from gradtx.transforms.decay import add_decayed_weights
+from gradtx.transforms.momentum import ema
+from gradtx.transforms.scaling import scale, scale_by_learning_rate
+
+_PLACEHOLDER_SHAPE = (1,)
+
+
+class FactoredState(NamedTuple):
+    """State of :func:`factored_second_moment`: the step counter, the row and column factors, and the unfactored second moments."""
+
+    count: jax.Array
+    v_row: Any
+    v_col: Any
+    v: Any
+
+
+def _power_decay(step: jax.Array, exponent) -> jax.Array:
+    """Adafactor's second-moment decay :math:`\\hat\\beta_{2,t} = 1 - t^{-c}` at ``t = step + 1``."""
+    t = jnp.asarray(step + 1, jnp.float32)
+    return 1.0 - t ** (-exponent)
+
+
+def _factored_dims(shape: tuple, factored: bool, min_dim_size_to_factor: int) -> tuple[int, int] | None:
+    """The (second largest, largest) axes of ``shape``, or ``None`` if the leaf is kept unfactored."""
+    if not factored or len(shape) < 2:
+        return None
+    by_size = np.argsort(shape)
+    if shape[by_size[-2]] < min_dim_size_to_factor:
+        return None
+    return int(by_size[-2]), int(by_size[-1])
+
+
+def _without(shape: tuple, axis: int) -> tuple:
+    return tuple(size for i, size in enumerate(shape) if i != axis)
+
+
+def factored_second_moment(
+    factored: bool = True,
+    decay_rate: float = 0.8,
+    step_offset: int = 0,
+    min_dim_size_to_factor: int = 128,
+    epsilon: float = 1e-30,
+    decay_rate_fn: Callable[[jax.Array, float], jax.Array] = _power_decay,
+) -> GradientTransformation:
+    r"""Rescale updates by a factored estimate of the root mean square gradient (Adafactor's core).
+
+    For a matrix gradient :math:`G \in \mathbb{R}^{n \times m}` (in general: along its two
+    largest axes), only row and column averages of the squared gradient are kept:
+
+    .. math::
+
+        \hat\beta_t = 1 - t^{-c}, \qquad
+        R_t = \hat\beta_t R_{t-1} + (1 - \hat\beta_t) \operatorname{mean}_{cols}(G_t^2 + \epsilon_1), \qquad
+        C_t = \hat\beta_t C_{t-1} + (1 - \hat\beta_t) \operatorname{mean}_{rows}(G_t^2 + \epsilon_1),
+
+        \hat V_t = \frac{R_t C_t^\top}{\operatorname{mean}(R_t)}, \qquad U_t = G_t / \sqrt{\hat V_t}
+
+    (Shazeer & Stern, 2018, Algorithm 4 with means in place of sums: the same :math:`\hat V_t`).
+    A leaf with fewer than two axes of at least ``min_dim_size_to_factor`` elements keeps a
+    full second moment :math:`V_t = \hat\beta_t V_{t-1} + (1 - \hat\beta_t)(G_t^2 + \epsilon_1)`.
+    Memory is :math:`O(n + m)` instead of :math:`O(nm)` for a factored leaf.
+
+    This is Optax's ``scale_by_factored_rms`` under a name that says what it estimates; the
+    arguments and the state's fields are the same. ``v_row`` averages over the largest axis and
+    ``v_col`` over the second largest (for an ``(n, m)`` matrix with ``n < m``, :math:`R` and
+    :math:`C` above). Unused factors are stored as shape-``(1,)`` placeholders, so every leaf
+    has the three fields.
+
+    Args:
+        factored: factor the second moment of leaves that qualify; ``False`` keeps it full everywhere.
+        decay_rate: :math:`c`, the exponent of the decay schedule (``>= 0``).
+        step_offset: subtracted from the step counter before the schedule: the step at which a
+            fine-tuning phase starts, its counter restored from the pre-training checkpoint
+            (with the default schedule, a counter below the offset gives NaN, as in Optax).
+        min_dim_size_to_factor: factor only if two axes have at least this many elements.
+        epsilon: :math:`\epsilon_1`, added to the squared gradient (``> 0``).
+        decay_rate_fn: ``(step, decay_rate) -> beta``, the decay schedule; the default is the
+            paper's :math:`1 - (step + 1)^{-c}`. A capped one (Zhai et al., 2021) keeps the
+            estimate from freezing.
+
+    Returns:
+        A ``GradientTransformation`` whose state is :class:`FactoredState`.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.factored_second_moment(min_dim_size_to_factor=2)
+        >>> state = tx.init(jnp.zeros((3, 4)))
+        >>> state.v_row.shape, state.v_col.shape
+        ((3,), (4,))
+
+    References:
+        Shazeer & Stern, 2018. Adafactor: Adaptive Learning Rates with Sublinear Memory Cost, https://arxiv.org/abs/1804.04235
+
+        Zhai et al., 2021. Scaling Vision Transformers, https://arxiv.org/abs/2106.04560
+    """
+    owner = "factored_second_moment"
+    _check_factored(owner, factored, decay_rate, step_offset, min_dim_size_to_factor, epsilon, "step_offset", "epsilon")
+    if not callable(decay_rate_fn):
+        raise TypeError(f"{owner}: decay_rate_fn must be callable (step, decay_rate) -> beta, got {decay_rate_fn!r}")
+
+    def state_shapes(p):
+        dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
+        if dims is None:
+            row_shape, col_shape, full_shape = _PLACEHOLDER_SHAPE, _PLACEHOLDER_SHAPE, p.shape
+        else:
+            second, largest = dims
+            row_shape, col_shape, full_shape = _without(p.shape, largest), _without(p.shape, second), _PLACEHOLDER_SHAPE
+        return tuple(jax.ShapeDtypeStruct(shape, p.dtype) for shape in (row_shape, col_shape, full_shape))
+
+    def init(params):
+        v_row, v_col, v = _unzip(jax.tree.map(state_shapes, params), params, 3)
+        v_row, v_col, v = tree.zeros_like(v_row), tree.zeros_like(v_col), tree.zeros_like(v)
+        return FactoredState(count=tree.zero_count(), v_row=v_row, v_col=v_col, v=v)
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        beta = decay_rate_fn(state.count - step_offset, decay_rate)
+
+        def per_leaf(g, row_prev, col_prev, v_prev):
+            g_wide = _at_least_float32(g)
+            g_squared = _abs_sq(g_wide) + epsilon
+            dims = _factored_dims(g.shape, factored, min_dim_size_to_factor)
+            if dims is None:
+                v = beta * _real_at_least_float32(v_prev) + (1.0 - beta) * g_squared
+                u = g_wide * v**-0.5
+                return u.astype(g.dtype), row_prev, col_prev, v.astype(v_prev.dtype)
+            second, largest = dims
+            row = beta * _real_at_least_float32(row_prev) + (1.0 - beta) * jnp.mean(g_squared, axis=largest)
+            col = beta * _real_at_least_float32(col_prev) + (1.0 - beta) * jnp.mean(g_squared, axis=second)
+            second_in_row = second - 1 if second > largest else second
+            row_factor = (row / jnp.mean(row, axis=second_in_row, keepdims=True)) ** -0.5
+            col_factor = col**-0.5
+            u = g_wide * jnp.expand_dims(row_factor, largest) * jnp.expand_dims(col_factor, second)
+            return u.astype(g.dtype), row.astype(row_prev.dtype), col.astype(col_prev.dtype), v_prev
+
+        updates, v_row, v_col, v = _unzip(jax.tree.map(per_leaf, updates, state.v_row, state.v_col, state.v), updates, 4)
+        return updates, FactoredState(count=tree.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v)
+
+    return GradientTransformation(init, update)
+
+
+def _check_factored(owner, factored, decay_rate, step_offset, min_dim_size_to_factor, epsilon, offset_name, eps_name) -> None:
+    _checks.one_of(owner, "factored", factored, (False, True))
+    _checks.non_negative(owner, "decay_rate", decay_rate)
+    _checks.non_negative_int(owner, offset_name, step_offset)
+    _checks.positive_int(owner, "min_dim_size_to_factor", min_dim_size_to_factor)
+    _checks.positive(owner, eps_name, epsilon)
+
+
+def _scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
+    """Multiply each leaf's update by the RMS of its parameter, at least ``min_scale`` (Adafactor's relative step size)."""
+
+    def per_leaf(u, p):
+        p_wide = _at_least_float32(p)
+        rms = jnp.sqrt(jnp.mean(_abs_sq(p_wide)))
+        too_small = rms <= min_scale
+        # The RMS of a stand-in of ones keeps the derivative finite at p = 0 (meta-gradients).
+        safe_rms = jnp.sqrt(jnp.mean(_abs_sq(jnp.where(too_small, jnp.ones_like(p_wide), p_wide))))
+        return (u * jnp.where(too_small, min_scale, safe_rms)).astype(u.dtype)
+
+    return elementwise("adafactor", per_leaf, needs_params=True)
+
+
+def adafactor(
+    learning_rate: ScalarOrSchedule | None = None,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: float | None = 1.0,
+    momentum: float | None = None,
+    dtype_momentum: Any = jnp.float32,
+    weight_decay_rate: ScalarOrSchedule | None = None,
+    eps: float = 1e-30,
+    factored: bool = True,
+    weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+) -> GradientTransformation:
+    r"""The Adafactor optimizer: factored second moment, update clipping, relative step size.
+
+    .. math::
+
+        U_t = \frac{G_t}{\sqrt{\hat V_t}}, \qquad
+        \tilde U_t = \frac{U_t}{\max(1, \operatorname{RMS}(U_t) / d)}, \qquad
+        p_{t+1} = p_t - \eta_t \max(\operatorname{RMS}(p_t), 10^{-3}) \, \tilde U_t
+
+    with :math:`\hat V_t` from :func:`factored_second_moment`, :math:`d` the clipping
+    threshold and the RMS taken per leaf; optionally followed by a (non-debiased) momentum
+    and decoupled weight decay. Adafactor's natural learning rate differs from Adam's (no
+    :math:`1/\sqrt{d_{model}}` correction for attention models).
+
+    Every optional stage occupies its place in the chain (as ``identity`` when disabled), so
+    the state's layout does not depend on which options are on; Optax drops disabled stages.
+
+    Args:
+        learning_rate: :math:`\eta`, a float ``>= 0``, a schedule, or ``None`` for a step
+            size of 1 (the relative step size then comes from the parameter scale only).
+        min_dim_size_to_factor, decay_rate, factored: see :func:`factored_second_moment`.
+        decay_offset: ``step_offset`` of :func:`factored_second_moment`.
+        multiply_by_parameter_scale: multiply the step by :math:`\max(\operatorname{RMS}(p), 10^{-3})`.
+        clipping_threshold: :math:`d` (``> 0``; the paper uses 1), or ``None`` to disable clipping.
+        momentum: decay of an exponential moving average of the updates in ``[0, 1)``, or
+            ``None`` (no momentum, no extra memory).
+        dtype_momentum: storage dtype of the momentum.
+        weight_decay_rate: decoupled weight decay (a float ``>= 0`` or a schedule; not scaled
+            by the learning rate), or ``None``.
+        eps: ``epsilon`` of :func:`factored_second_moment`.
+        weight_decay_mask: a pytree of booleans (or a callable ``params -> pytree``) selecting
+            the parameters to decay; ``None`` decays all of them.
+
+    Returns:
+        A ``GradientTransformation``: ``chain(factored_second_moment, clip_by_block_rms,
+        scale_by_learning_rate, parameter scale, ema, add_decayed_weights, scale(-1))``.
+
+    Example:
+        >>> import gradtx
+        >>> tx = gradtx.adafactor(learning_rate=1e-2)
+
+    References:
+        Shazeer & Stern, 2018. Adafactor: Adaptive Learning Rates with Sublinear Memory Cost, https://arxiv.org/abs/1804.04235
+    """
+    owner = "adafactor"
+    if learning_rate is not None:
+        _checks.learning_rate(owner, learning_rate)
+    _check_factored(owner, factored, decay_rate, decay_offset, min_dim_size_to_factor, eps, "decay_offset", "eps")
+    _checks.one_of(owner, "multiply_by_parameter_scale", multiply_by_parameter_scale, (False, True))
+    if clipping_threshold is not None:
+        _checks.positive(owner, "clipping_threshold", clipping_threshold)
+    if momentum is not None:
+        _checks.decay_rate(owner, "momentum", momentum)
+    _checks.dtype(owner, "dtype_momentum", dtype_momentum)
+    if weight_decay_rate is not None:
+        _checks.non_negative(owner, "weight_decay_rate", weight_decay_rate, schedule_ok=True)
+
+    def optional(enabled, make):
+        return make() if enabled else identity()
+
+    return chain(
+        factored_second_moment(factored, decay_rate, decay_offset, min_dim_size_to_factor, eps),
+        optional(clipping_threshold is not None, lambda: clip_by_block_rms(clipping_threshold)),
+        optional(learning_rate is not None, lambda: scale_by_learning_rate(learning_rate, flip_sign=False)),
+        optional(multiply_by_parameter_scale, _scale_by_param_block_rms),
+        optional(momentum is not None, lambda: ema(momentum, debias=False, accumulator_dtype=dtype_momentum)),
+        optional(weight_decay_rate is not None, lambda: add_decayed_weights(weight_decay_rate, mask=weight_decay_mask)),
+        scale(-1),
+    )
