@@ -1,0 +1,148 @@
+"""Rectified Adam (Liu et al., 2020): Adam whose adaptive step is switched on once its variance is tractable."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gradtx import _checks, tree
+from gradtx.base import GradientTransformation, ScalarOrSchedule
+from gradtx.combine import chain
+from gradtx.optimizers.adam import (
+    ScaleByAdamState,
+    _abs_sq,
+    _at_least_float32,
+    _bias_correction,
+    _check_adam,
+    _debiased_first_moment,
+    _ema,
+    _unzip,
+)
+from gradtx.transforms.scaling import scale_by_learning_rate
+
+
+def scale_by_radam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float = 5.0,
+    *,
+    nesterov: bool = False,
+) -> GradientTransformation:
+    r"""Rescale updates by Rectified Adam: momentum SGD until the second moment is reliable, then rectified Adam.
+
+    .. math::
+
+        \rho_\infty = \frac{2}{1 - \beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t}, \qquad
+        r_t = \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}},
+
+        u_t = \begin{cases}
+            r_t \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon) & \rho_t \ge \text{threshold} \\
+            \hat m_t & \text{otherwise}
+        \end{cases}
+
+    with :math:`\hat m_t, \hat v_t` Adam's bias-corrected moments (see
+    :func:`gradtx.scale_by_adam`, also for ``nesterov``).
+
+    Deliberate difference from Optax: the rectified branch is taken only where :math:`r_t`
+    is defined (:math:`\rho_t > 4`, the paper's condition). With ``threshold < 4`` Optax
+    returns NaN updates at the steps where :math:`\text{threshold} \le \rho_t < 4`; gradtx takes
+    the momentum step :math:`\hat m_t` there. With ``threshold >= 4`` (the default is 5)
+    the two agree.
+
+    Args:
+        b1: decay of the first-moment EMA, in ``[0, 1)``.
+        b2: decay of the second-moment EMA, in ``[0, 1)``.
+        eps: added to the denominator outside the square root (``> 0``).
+        eps_root: added inside the square root (``>= 0``).
+        threshold: the value of :math:`\rho_t` from which the adaptive step is used.
+        nesterov: use Nesterov's look-ahead first moment.
+
+    Returns:
+        A ``GradientTransformation`` whose state is :class:`gradtx.ScaleByAdamState`.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.scale_by_radam()
+        >>> updates, state = tx.update(jnp.array([0.5, -2.0]), tx.init(jnp.zeros(2)))
+        >>> updates.round(4)  # rho_1 = 1 < 5: the first step is plain (bias-corrected) momentum
+        Array([ 0.5, -2. ], dtype=float32)
+
+    References:
+        Liu et al., 2020. On the Variance of the Adaptive Learning Rate and Beyond, https://arxiv.org/abs/1908.03265
+    """
+    owner = "scale_by_radam"
+    _check_adam(owner, b1, b2, eps, eps_root)
+    _checks.number(owner, "threshold", threshold)
+    _checks.one_of(owner, "nesterov", nesterov, (False, True))
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+
+    def init(params):
+        return ScaleByAdamState(count=tree.zero_count(), mu=tree.zeros_like(params), nu=tree.zeros_like(params))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        count = tree.safe_increment(state.count)
+        c1, c2 = _bias_correction(b1, count), _bias_correction(b2, count)
+        c1_next = _bias_correction(b1, tree.safe_increment(count))  # for Nesterov's look-ahead
+        b2_t = b2**count
+        rho = rho_inf - 2 * count * b2_t / (1 - b2_t)
+        rectify = (rho >= threshold) & (rho > 4.0)
+        # Only where rectify holds is the ratio positive; elsewhere 1 keeps NaN out of sqrt (and its gradient).
+        ratio = jnp.where(rectify, (rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho), 1.0)
+        r = jnp.sqrt(ratio)
+
+        def per_leaf(g, m_prev, v_prev):
+            g_wide = _at_least_float32(g)
+            m = _ema(g_wide, m_prev, b1)
+            v = _ema(_abs_sq(g_wide), jnp.real(v_prev), b2)
+            m_hat = _debiased_first_moment(g_wide, m, b1, c1, c1_next, nesterov)
+            v_hat = v / c2
+            u = jnp.where(rectify, r.astype(m_hat.dtype) * m_hat / (jnp.sqrt(v_hat + eps_root) + eps), m_hat)
+            return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
+
+        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return GradientTransformation(init, update)
+
+
+def radam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float = 5.0,
+    *,
+    nesterov: bool = False,
+) -> GradientTransformation:
+    r"""The Rectified Adam optimizer: :func:`scale_by_radam` followed by the (negative) learning rate.
+
+    .. math::
+
+        p_{t+1} = p_t - \eta_t u_t, \qquad u_t \text{ from } \texttt{scale\_by\_radam}
+
+    Args:
+        learning_rate: a float ``>= 0`` or a schedule ``count -> lr``.
+        b1, b2, eps, eps_root, threshold, nesterov: see :func:`scale_by_radam`.
+
+    Returns:
+        A ``GradientTransformation``: ``chain(scale_by_radam, scale_by_learning_rate)``.
+
+    Example:
+        >>> import gradtx
+        >>> tx = gradtx.radam(learning_rate=1e-3)
+
+    References:
+        Liu et al., 2020. On the Variance of the Adaptive Learning Rate and Beyond, https://arxiv.org/abs/1908.03265
+    """
+    _checks.learning_rate("radam", learning_rate)
+    _check_adam("radam", b1, b2, eps, eps_root)
+    _checks.number("radam", "threshold", threshold)
+    return chain(
+        scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov),
+        scale_by_learning_rate(learning_rate),
+    )
