@@ -37,6 +37,11 @@ def tree_params(dtype=jnp.float32):
     }
 
 
+def tree_loss(params):
+    """A quadratic over every leaf of a parameter tree (for optimizers that need an objective)."""
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params))
+
+
 def tree_grads(params, seed=1):
     keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params)))
     leaves, treedef = jax.tree.flatten(params)
@@ -76,3 +81,15 @@ def run(tx, params, loss, steps, apply_updates, **extra_args):
 
     (params, _), losses = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=steps))(params)
     return params, losses
+
+
+def assert_relative_close(actual, expected, tolerance=1e-5):
+    """Every leaf: ``max |a - b| <= tolerance * max |b|`` (relative to the leaf's scale)."""
+
+    def check(path, a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = max(np.max(np.abs(b)), 1e-12)
+        difference = np.max(np.abs(a - b)) / scale
+        assert difference <= tolerance, f"{jax.tree_util.keystr(path)}: relative difference {difference:.2e} > {tolerance:g}"
+
+    jax.tree_util.tree_map_with_path(check, actual, expected)

@@ -8,10 +8,9 @@ import optax
 import pytest
 
 import gradtx
-from problems import mlp_regression, run
+from problems import assert_relative_close, mlp_regression, run
 from registry import OPTIMIZERS
 
-RELATIVE_TOLERANCE = 1e-5
 STEPS = 100
 
 CASES = [
@@ -20,18 +19,6 @@ CASES = [
     if entry.optax_name
     for i, kwargs in enumerate(entry.parity_kwargs)
 ]
-
-
-def assert_relative_close(actual, expected):
-    """Every leaf: max |a - b| <= tol * max |b| (relative to the leaf's scale)."""
-
-    def check(path, a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        scale = max(np.max(np.abs(b)), 1e-12)
-        difference = np.max(np.abs(a - b)) / scale
-        assert difference <= RELATIVE_TOLERANCE, f"{jax.tree_util.keystr(path)}: relative difference {difference:.2e}"
-
-    jax.tree_util.tree_map_with_path(check, actual, expected)
 
 
 def run_both(gradtx_tx, optax_tx):
