@@ -132,3 +132,28 @@ def test_inject_hyperparams_keep_float32_with_bfloat16_params():
 def test_inject_hyperparams_validates_at_construction():
     with pytest.raises(ValueError, match="adam: b1 must be in"):
         gradtx.inject_hyperparams(gradtx.adam)(learning_rate=1e-3, b1=1.5)
+
+
+def test_accumulation_over_lamb_equals_lamb_on_the_mean_gradient():
+    params = tree_params()
+    micro = [tree_grads(params, seed=s) for s in (3, 4, 5, 6)]
+    accumulated = gradtx.accumulate_gradients(gradtx.lamb(1e-2, weight_decay=0.01), every_k_schedule=4)
+    state = accumulated.init(params)
+    for g in micro:
+        updates, state = accumulated.update(g, state, params)
+    mean = jax.tree.map(lambda *gs: sum(gs) / len(gs), *micro)
+    expected, _ = gradtx.lamb(1e-2, weight_decay=0.01).update(mean, gradtx.lamb(1e-2, weight_decay=0.01).init(params), params)
+    assert_relative_close(updates, expected, tolerance=1e-5)
+
+
+def test_apply_if_finite_over_accumulation_over_masked_adam_composes():
+    params = tree_params()
+    mask = jax.tree.map(lambda x: x.ndim > 1, params)
+    tx = gradtx.apply_if_finite(gradtx.accumulate_gradients(gradtx.masked(gradtx.adam(1e-2), mask), every_k_schedule=2))
+    state = tx.init(params)
+    grads = tree_grads(params)
+    for _ in range(2):
+        updates, state = jax.jit(tx.update)(grads, state, params)
+    assert int(state.inner_state.gradient_step) == 1
+    np.testing.assert_array_equal(updates["dense"]["bias"], grads["dense"]["bias"] / 1)
+    assert float(jnp.abs(updates["dense"]["kernel"]).max()) == pytest.approx(1e-2, rel=1e-3)
