@@ -10,15 +10,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import (
-    _abs_sq,
-    _at_least_float32,
-    _bias_correction,
-    _check_adam,
-    _debiased_first_moment,
-    _ema,
-    _unzip,
-)
+from gradtx.optimizers.adam import _check_adam, _debiased_first_moment
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -84,20 +76,20 @@ def scale_by_belief(
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        c1, c2 = _bias_correction(b1, count), _bias_correction(b2, count)
-        c1_next = _bias_correction(b1, tree.safe_increment(count))  # for Nesterov's look-ahead
+        c1, c2 = tree.bias_correction(b1, count), tree.bias_correction(b2, count)
+        c1_next = tree.bias_correction(b1, tree.safe_increment(count))  # for Nesterov's look-ahead
 
         def per_leaf(g, m_prev, s_prev):
-            g_wide = _at_least_float32(g)
-            m = _ema(g_wide, m_prev, b1)
-            s = _ema(_abs_sq(g_wide - m), jnp.real(s_prev), b2)
+            g_wide = tree.at_least_float32(g)
+            m = tree.ema_update(g_wide, m_prev, b1)
+            s = tree.ema_update(tree.abs_sq(g_wide - m), jnp.real(s_prev), b2)
             s = s + eps_root
             m_hat = _debiased_first_moment(g_wide, m, b1, c1, c1_next, nesterov)
             s_hat = s / c2
             u = m_hat / (jnp.sqrt(s_hat) + eps)
             return u.astype(g.dtype), m.astype(m_prev.dtype), s.astype(s_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByBeliefState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
@@ -134,5 +126,6 @@ def adabelief(
         https://arxiv.org/abs/2010.07468
     """
     _checks.learning_rate("adabelief", learning_rate)
+    _checks.boolean("adabelief", "nesterov", nesterov)
     _check_adam("adabelief", b1, b2, eps, eps_root)
     return chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov), scale_by_learning_rate(learning_rate))

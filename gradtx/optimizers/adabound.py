@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import _abs_sq, _at_least_float32, _real_at_least_float32, _unzip
 from gradtx.transforms.decay import add_decayed_weights
 
 
@@ -146,16 +145,16 @@ def scale_by_adabound(
         upper = sgd_learning_rate * (1 + 1 / (gamma * t))
 
         def per_leaf(g, m_prev, v_prev, v_max_prev):
-            g_wide = _at_least_float32(g)
-            m = b1 * _at_least_float32(m_prev) + (1 - b1) * g_wide
-            v = b2 * _real_at_least_float32(v_prev) + (1 - b2) * _abs_sq(g_wide)
-            v_max = jnp.maximum(_real_at_least_float32(v_max_prev), v) if amsbound else v_max_prev
+            g_wide = tree.at_least_float32(g)
+            m = b1 * tree.at_least_float32(m_prev) + (1 - b1) * g_wide
+            v = b2 * tree.real_at_least_float32(v_prev) + (1 - b2) * tree.abs_sq(g_wide)
+            v_max = jnp.maximum(tree.real_at_least_float32(v_max_prev), v) if amsbound else v_max_prev
             step_size = jnp.clip(adam_step_size / (jnp.sqrt(v_max if amsbound else v) + eps), lower, upper)
             u = -step_size * m
             return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype), v_max.astype(v_max_prev.dtype)
 
         per_leaf_results = jax.tree.map(per_leaf, updates, state.mu, state.nu, state.nu_max)
-        updates, mu, nu, nu_max = _unzip(per_leaf_results, updates, 4)
+        updates, mu, nu, nu_max = tree.unzip(per_leaf_results, updates, 4)
         return updates, ScaleByAdaBoundState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return GradientTransformation(init, update)
@@ -253,6 +252,7 @@ def amsbound(
 def _adabound(owner, learning_rate, b1, b2, final_lr, gamma, eps, weight_decay, mask, amsbound, base_learning_rate, mu_dtype):
     # Validated under the alias's name, so that errors name the function the user called.
     _check_adabound(owner, learning_rate, b1, b2, final_lr, gamma, eps, base_learning_rate, mu_dtype)
+    _checks.mask(owner, "mask", mask)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
     return chain(
         add_decayed_weights(weight_decay, mask),

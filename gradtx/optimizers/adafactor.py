@@ -11,7 +11,6 @@ import numpy as np
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, elementwise, identity
 from gradtx.combine import chain
-from gradtx.optimizers.adam import _abs_sq, _at_least_float32, _real_at_least_float32, _unzip
 from gradtx.transforms.clipping import clip_by_block_rms
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.momentum import ema
@@ -123,7 +122,7 @@ def factored_second_moment(
         return tuple(jax.ShapeDtypeStruct(shape, p.dtype) for shape in (row_shape, col_shape, full_shape))
 
     def init(params):
-        v_row, v_col, v = _unzip(jax.tree.map(state_shapes, params), params, 3)
+        v_row, v_col, v = tree.unzip(jax.tree.map(state_shapes, params), params, 3)
         v_row, v_col, v = tree.zeros_like(v_row), tree.zeros_like(v_col), tree.zeros_like(v)
         return FactoredState(count=tree.zero_count(), v_row=v_row, v_col=v_col, v=v)
 
@@ -132,23 +131,23 @@ def factored_second_moment(
         beta = decay_rate_fn(state.count - step_offset, decay_rate)
 
         def per_leaf(g, row_prev, col_prev, v_prev):
-            g_wide = _at_least_float32(g)
-            g_squared = _abs_sq(g_wide) + epsilon
+            g_wide = tree.at_least_float32(g)
+            g_squared = tree.abs_sq(g_wide) + epsilon
             dims = _factored_dims(g.shape, factored, min_dim_size_to_factor)
             if dims is None:
-                v = beta * _real_at_least_float32(v_prev) + (1.0 - beta) * g_squared
+                v = beta * tree.real_at_least_float32(v_prev) + (1.0 - beta) * g_squared
                 u = g_wide * v**-0.5
                 return u.astype(g.dtype), row_prev, col_prev, v.astype(v_prev.dtype)
             second, largest = dims
-            row = beta * _real_at_least_float32(row_prev) + (1.0 - beta) * jnp.mean(g_squared, axis=largest)
-            col = beta * _real_at_least_float32(col_prev) + (1.0 - beta) * jnp.mean(g_squared, axis=second)
+            row = beta * tree.real_at_least_float32(row_prev) + (1.0 - beta) * jnp.mean(g_squared, axis=largest)
+            col = beta * tree.real_at_least_float32(col_prev) + (1.0 - beta) * jnp.mean(g_squared, axis=second)
             second_in_row = second - 1 if second > largest else second
             row_factor = (row / jnp.mean(row, axis=second_in_row, keepdims=True)) ** -0.5
             col_factor = col**-0.5
             u = g_wide * jnp.expand_dims(row_factor, largest) * jnp.expand_dims(col_factor, second)
             return u.astype(g.dtype), row.astype(row_prev.dtype), col.astype(col_prev.dtype), v_prev
 
-        updates, v_row, v_col, v = _unzip(jax.tree.map(per_leaf, updates, state.v_row, state.v_col, state.v), updates, 4)
+        updates, v_row, v_col, v = tree.unzip(jax.tree.map(per_leaf, updates, state.v_row, state.v_col, state.v), updates, 4)
         return updates, FactoredState(count=tree.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v)
 
     return GradientTransformation(init, update)
@@ -166,11 +165,11 @@ def _scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation
     """Multiply each leaf's update by the RMS of its parameter, at least ``min_scale`` (Adafactor's relative step size)."""
 
     def per_leaf(u, p):
-        p_wide = _at_least_float32(p)
-        rms = jnp.sqrt(jnp.mean(_abs_sq(p_wide)))
+        p_wide = tree.at_least_float32(p)
+        rms = jnp.sqrt(jnp.mean(tree.abs_sq(p_wide)))
         too_small = rms <= min_scale
         # The RMS of a stand-in of ones keeps the derivative finite at p = 0 (meta-gradients).
-        safe_rms = jnp.sqrt(jnp.mean(_abs_sq(jnp.where(too_small, jnp.ones_like(p_wide), p_wide))))
+        safe_rms = jnp.sqrt(jnp.mean(tree.abs_sq(jnp.where(too_small, jnp.ones_like(p_wide), p_wide))))
         return (u * jnp.where(too_small, min_scale, safe_rms)).astype(u.dtype)
 
     return elementwise("adafactor", per_leaf, needs_params=True)
@@ -234,6 +233,7 @@ def adafactor(
         Shazeer & Stern, 2018. Adafactor: Adaptive Learning Rates with Sublinear Memory Cost, https://arxiv.org/abs/1804.04235
     """
     owner = "adafactor"
+    _checks.mask(owner, "weight_decay_mask", weight_decay_mask)
     if learning_rate is not None:
         _checks.learning_rate(owner, learning_rate)
     _check_factored(owner, factored, decay_rate, decay_offset, min_dim_size_to_factor, eps, "decay_offset", "eps")

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import _abs_sq, _at_least_float32, _real_at_least_float32, _unzip
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -59,12 +58,12 @@ def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> G
         del params, extra_args
 
         def per_leaf(g, sum_prev):
-            g_wide = _at_least_float32(g)
-            sum_of_squares = _abs_sq(g_wide) + _real_at_least_float32(sum_prev)
+            g_wide = tree.at_least_float32(g)
+            sum_of_squares = tree.abs_sq(g_wide) + tree.real_at_least_float32(sum_prev)
             inverse_root = jnp.where(sum_of_squares > 0, jax.lax.rsqrt(sum_of_squares + eps), 0.0)
             return (inverse_root * g_wide).astype(g.dtype), sum_of_squares.astype(sum_prev.dtype)
 
-        updates, sum_of_squares = _unzip(jax.tree.map(per_leaf, updates, state.sum_of_squares), updates, 2)
+        updates, sum_of_squares = tree.unzip(jax.tree.map(per_leaf, updates, state.sum_of_squares), updates, 2)
         return updates, ScaleByRssState(sum_of_squares=sum_of_squares)
 
     return GradientTransformation(init, update)

@@ -113,19 +113,19 @@ def scale_by_adam(
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        c1, c2 = _bias_correction(b1, count), _bias_correction(b2, count)
-        c1_next = _bias_correction(b1, tree.safe_increment(count))  # for Nesterov's look-ahead
+        c1, c2 = tree.bias_correction(b1, count), tree.bias_correction(b2, count)
+        c1_next = tree.bias_correction(b1, tree.safe_increment(count))  # for Nesterov's look-ahead
 
         def per_leaf(g, m_prev, v_prev):
-            g_wide = _at_least_float32(g)
-            m = _ema(g_wide, m_prev, b1)
-            v = _ema(_abs_sq(g_wide), jnp.real(v_prev), b2)
+            g_wide = tree.at_least_float32(g)
+            m = tree.ema_update(g_wide, m_prev, b1)
+            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(v_prev), b2)
             m_hat = _debiased_first_moment(g_wide, m, b1, c1, c1_next, nesterov)
             v_hat = v / c2
             u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
             return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
@@ -169,6 +169,7 @@ def adam(
         Kingma & Ba, 2015. Adam: A Method for Stochastic Optimization, https://arxiv.org/abs/1412.6980
     """
     _checks.learning_rate("adam", learning_rate)
+    _checks.boolean("adam", "nesterov", nesterov)
     _check_adam("adam", b1, b2, eps, eps_root, mu_dtype, nu_dtype)
     return chain(
         scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
@@ -216,6 +217,8 @@ def adamw(
         Loshchilov & Hutter, 2019. Decoupled Weight Decay Regularization, https://arxiv.org/abs/1711.05101
     """
     _check_adamw("adamw", learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, weight_decay)
+    _checks.boolean("adamw", "nesterov", nesterov)
+    _checks.mask("adamw", "mask", mask)
     return chain(
         scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
         add_decayed_weights(weight_decay, mask),
@@ -286,59 +289,31 @@ def nadamw(
         Loshchilov & Hutter, 2019. Decoupled Weight Decay Regularization, https://arxiv.org/abs/1711.05101
     """
     _check_adamw("nadamw", learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, weight_decay)
+    _checks.mask("nadamw", "mask", mask)
     return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=True, nu_dtype=nu_dtype)
 
 
 # Per-leaf helpers shared by the adaptive-moment optimizers of this package.
 
 
-def _at_least_float32(x: jax.Array) -> jax.Array:
-    # bfloat16/float16 moments lose the small (1 - b) * g increments when updated in place.
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _real_at_least_float32(x: jax.Array) -> jax.Array:
-    # Second moments are real; Optax keeps them in the (possibly complex) parameter dtype.
-    return _at_least_float32(jnp.real(x))
 
 
-def _ema(value: jax.Array, previous: jax.Array, decay) -> jax.Array:
-    """The moving average ``decay * previous + (1 - decay) * value``, in at least float32."""
-    # Optax's operand order: XLA contracts a*b + c*d into a fused multiply-add, and which
-    # product it fuses changes the last bit, which training amplifies past 1e-5 parity.
-    return (1 - decay) * value + decay * _at_least_float32(previous)
 
 
-def _abs_sq(g: jax.Array) -> jax.Array:
-    """``|g|^2``, real also for complex ``g``."""
-    return jnp.real(g * jnp.conj(g)) if jnp.iscomplexobj(g) else g * g
 
 
-def _bias_correction(decay, count: jax.Array) -> jax.Array:
-    """Adam's bias-correction divisor ``1 - decay^t``, a float32 scalar (never in a narrow moment dtype, where it rounds to 0).
-
-    Compute it once per step, outside the per-leaf function, as Optax does: a ``pow`` written
-    per leaf is fused into every leaf's kernel and evaluated there to a different last bit,
-    and 100 training steps amplify that beyond the 1e-5 parity with Optax.
-    """
-    return 1 - decay**count
 
 
-def _debias(moment: jax.Array, decay, count: jax.Array) -> jax.Array:
-    """Adam's bias correction ``moment / (1 - decay^t)`` (prefer dividing by a precomputed :func:`_bias_correction`)."""
-    return moment / _bias_correction(decay, count).astype(moment.dtype)
 
 
 def _debiased_first_moment(g: jax.Array, m: jax.Array, b1, correction: jax.Array, next_correction: jax.Array, nesterov: bool):
     """``m / (1 - b1^t)``, or with ``nesterov`` Dozat's look-ahead ``b1 m / (1 - b1^{t+1}) + (1 - b1) g / (1 - b1^t)``.
 
-    ``correction`` and ``next_correction`` are :func:`_bias_correction` at ``t`` and ``t + 1``.
+    ``correction`` and ``next_correction`` are :func:`tree.bias_correction` at ``t`` and ``t + 1``.
     """
     if not nesterov:
         return m / correction
     return b1 * (m / next_correction) + (1 - b1) * (g / correction)
 
-
-def _unzip(per_leaf_tuples: Any, like: Any, n: int) -> tuple:
-    """Turn a tree of ``n``-tuples (one per leaf of ``like``) into ``n`` trees shaped like ``like``."""
-    return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0,) * n), per_leaf_tuples)

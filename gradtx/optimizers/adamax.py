@@ -10,14 +10,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import (
-    ScaleByAdamState,
-    _at_least_float32,
-    _bias_correction,
-    _ema,
-    _real_at_least_float32,
-    _unzip,
-)
+from gradtx.optimizers.adam import ScaleByAdamState
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -67,16 +60,16 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        c1 = _bias_correction(b1, count)
+        c1 = tree.bias_correction(b1, count)
 
         def per_leaf(g, m_prev, u_prev):
-            g_wide = _at_least_float32(g)
-            m = _ema(g_wide, m_prev, b1)
-            u_inf = jnp.maximum(jnp.abs(g_wide) + eps, b2 * _real_at_least_float32(u_prev))
+            g_wide = tree.at_least_float32(g)
+            m = tree.ema_update(g_wide, m_prev, b1)
+            u_inf = jnp.maximum(jnp.abs(g_wide) + eps, b2 * tree.real_at_least_float32(u_prev))
             u = (m / c1) / u_inf
             return u.astype(g.dtype), m.astype(m_prev.dtype), u_inf.astype(u_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
@@ -139,6 +132,7 @@ def adamaxw(
         Loshchilov & Hutter, 2019. Decoupled Weight Decay Regularization, https://arxiv.org/abs/1711.05101
     """
     _checks.learning_rate("adamaxw", learning_rate)
+    _checks.mask("adamaxw", "mask", mask)
     _check_adamax("adamaxw", b1, b2, eps)
     _checks.non_negative("adamaxw", "weight_decay", weight_decay, schedule_ok=True)
     return chain(scale_by_adamax(b1, b2, eps), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))

@@ -10,15 +10,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import (
-    _abs_sq,
-    _at_least_float32,
-    _bias_correction,
-    _check_adam,
-    _ema,
-    _real_at_least_float32,
-    _unzip,
-)
+from gradtx.optimizers.adam import _check_adam
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -90,19 +82,19 @@ def scale_by_amsgrad(
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        c1, c2 = _bias_correction(b1, count), _bias_correction(b2, count)
+        c1, c2 = tree.bias_correction(b1, count), tree.bias_correction(b2, count)
 
         def per_leaf(g, m_prev, v_prev, v_max_prev):
-            g_wide = _at_least_float32(g)
-            m = _ema(g_wide, m_prev, b1)
-            v = _ema(_abs_sq(g_wide), jnp.real(v_prev), b2)
+            g_wide = tree.at_least_float32(g)
+            m = tree.ema_update(g_wide, m_prev, b1)
+            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(v_prev), b2)
             m_hat = m / c1 if bias_correction_mu else m
             v_hat = v / c2 if bias_correction_nu else v
-            v_max = jnp.maximum(_real_at_least_float32(v_max_prev), v_hat)
+            v_max = jnp.maximum(tree.real_at_least_float32(v_max_prev), v_hat)
             u = m_hat / (jnp.sqrt(v_max + eps_root) + eps)
             return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype), v_max.astype(v_max_prev.dtype)
 
-        updates, mu, nu, nu_max = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu, state.nu_max), updates, 4)
+        updates, mu, nu, nu_max = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu, state.nu_max), updates, 4)
         return updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return GradientTransformation(init, update)
@@ -139,6 +131,8 @@ def amsgrad(
         Reddi, Kale & Kumar, 2018. On the Convergence of Adam and Beyond, https://arxiv.org/abs/1904.09237
     """
     _checks.learning_rate("amsgrad", learning_rate)
+    _checks.boolean("amsgrad", "bias_correction_mu", bias_correction_mu)
+    _checks.boolean("amsgrad", "bias_correction_nu", bias_correction_nu)
     _check_adam("amsgrad", b1, b2, eps, eps_root, mu_dtype)
     return chain(
         scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu),

@@ -53,6 +53,7 @@ def lamb(
         https://arxiv.org/abs/1904.00962
     """
     _checks.learning_rate("lamb", learning_rate)
+    _checks.mask("lamb", "mask", mask)
     _check_adam("lamb", b1, b2, eps, eps_root)
     _checks.non_negative("lamb", "weight_decay", weight_decay, schedule_ok=True)
     return chain(

@@ -61,6 +61,8 @@ def lars(
     """
     owner = "lars"
     _checks.learning_rate(owner, learning_rate)
+    _checks.mask(owner, "trust_ratio_mask", trust_ratio_mask)
+    _checks.mask(owner, "weight_decay_mask", weight_decay_mask)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
     _checks.non_negative(owner, "trust_coefficient", trust_coefficient)
     _checks.non_negative(owner, "eps", eps)

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import _at_least_float32, _unzip
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -84,18 +83,19 @@ def scale_by_lion(
     _checks.positive(owner, "smooth_beta", smooth_beta)
 
     def init(params):
+        tree.check_real_params(owner, params)
         return ScaleByLionState(count=tree.zero_count(), mu=tree.zeros_like(params, mu_dtype))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
 
         def per_leaf(g, m_prev):
-            g_wide, m_prev_wide = _at_least_float32(g), _at_least_float32(m_prev)
+            g_wide, m_prev_wide = tree.at_least_float32(g), tree.at_least_float32(m_prev)
             c = (1 - b1) * g_wide + b1 * m_prev_wide
             m = (1 - b2) * g_wide + b2 * m_prev_wide
             return _squash(c, mode, smooth_beta).astype(g.dtype), m.astype(m_prev.dtype)
 
-        updates, mu = _unzip(jax.tree.map(per_leaf, updates, state.mu), updates, 2)
+        updates, mu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu), updates, 2)
         return updates, ScaleByLionState(count=tree.safe_increment(state.count), mu=mu)
 
     return GradientTransformation(init, update)
@@ -135,6 +135,7 @@ def lion(
         Chen et al., 2023. Symbolic Discovery of Optimization Algorithms, https://arxiv.org/abs/2302.06675
     """
     _checks.learning_rate("lion", learning_rate)
+    _checks.mask("lion", "mask", mask)
     _check_lion("lion", b1, b2, mu_dtype)
     _checks.non_negative("lion", "weight_decay", weight_decay, schedule_ok=True)
     return chain(

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import _at_least_float32, _real_at_least_float32, _unzip
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -95,14 +94,14 @@ def scale_by_novograd(
         decay = tree.resolve(weight_decay, state.count)
 
         def per_leaf(g, m_prev, v_prev, p):
-            g_wide = _at_least_float32(g)
+            g_wide = tree.at_least_float32(g)
             squared_norm = jnp.linalg.norm(g_wide) ** 2
-            v = jnp.where(first_step, squared_norm, (1 - b2) * squared_norm + b2 * _real_at_least_float32(v_prev))
-            d = g_wide / (jnp.sqrt(v + eps_root) + eps) + decay * _at_least_float32(p)
-            m = jnp.where(first_step, d, b1 * _at_least_float32(m_prev) + d)
+            v = jnp.where(first_step, squared_norm, (1 - b2) * squared_norm + b2 * tree.real_at_least_float32(v_prev))
+            d = g_wide / (jnp.sqrt(v + eps_root) + eps) + decay * tree.at_least_float32(p)
+            m = jnp.where(first_step, d, b1 * tree.at_least_float32(m_prev) + d)
             return m.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu, params), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu, params), updates, 3)
         return updates, ScaleByNovogradState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

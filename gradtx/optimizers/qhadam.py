@@ -15,15 +15,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import (
-    ScaleByAdamState,
-    _abs_sq,
-    _at_least_float32,
-    _check_adam,
-    _debias,
-    _real_at_least_float32,
-    _unzip,
-)
+from gradtx.optimizers.adam import ScaleByAdamState, _check_adam
 from gradtx.optimizers.qhm import quasi_hyperbolic_average
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
@@ -100,14 +92,14 @@ def scale_by_qhadam(
         count = tree.safe_increment(state.count)
 
         def per_leaf(g, m_prev, v_prev):
-            g_wide = _at_least_float32(g)
-            m = b1 * _at_least_float32(m_prev) + (1 - b1) * g_wide
-            v = b2 * _real_at_least_float32(v_prev) + (1 - b2) * _abs_sq(g_wide)
-            numerator = quasi_hyperbolic_average(g_wide, _debias(m, b1, count), nu1)
-            denominator = jnp.sqrt(quasi_hyperbolic_average(_abs_sq(g_wide), _debias(v, b2, count), nu2)) + eps
+            g_wide = tree.at_least_float32(g)
+            m = b1 * tree.at_least_float32(m_prev) + (1 - b1) * g_wide
+            v = b2 * tree.real_at_least_float32(v_prev) + (1 - b2) * tree.abs_sq(g_wide)
+            numerator = quasi_hyperbolic_average(g_wide, tree.debias(m, b1, count), nu1)
+            denominator = jnp.sqrt(quasi_hyperbolic_average(tree.abs_sq(g_wide), tree.debias(v, b2, count), nu2)) + eps
             return (numerator / denominator).astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
@@ -156,6 +148,7 @@ def qhadam(
         Ma & Yarats, 2019. Quasi-hyperbolic momentum and Adam for deep learning, https://arxiv.org/abs/1810.06801
     """
     _check_qhadam_alias("qhadam", learning_rate, b1, b2, nu1, nu2, eps, weight_decay, mu_dtype)
+    _checks.mask("qhadam", "mask", mask)
     return chain(
         add_decayed_weights(weight_decay, mask),
         scale_by_qhadam(b1, b2, nu1, nu2, eps, mu_dtype=mu_dtype),
@@ -201,6 +194,7 @@ def qhadamw(
         Loshchilov & Hutter, 2019. Decoupled weight decay regularization, https://arxiv.org/abs/1711.05101
     """
     _check_qhadam_alias("qhadamw", learning_rate, b1, b2, nu1, nu2, eps, weight_decay, mu_dtype)
+    _checks.mask("qhadamw", "mask", mask)
     return chain(
         scale_by_qhadam(b1, b2, nu1, nu2, eps, mu_dtype=mu_dtype),
         add_decayed_weights(weight_decay, mask),

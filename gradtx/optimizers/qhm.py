@@ -15,7 +15,6 @@ import jax
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import _at_least_float32, _unzip
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -88,13 +87,13 @@ def scale_by_qhm(momentum: float = 0.999, nu: float = 0.7, *, accumulator_dtype=
         return ScaleByQHMState(trace=tree.zeros_like(params, accumulator_dtype))
 
     def per_leaf(g, m_prev):
-        g_wide = _at_least_float32(g)
-        m = momentum * _at_least_float32(m_prev) + (1 - momentum) * g_wide
+        g_wide = tree.at_least_float32(g)
+        m = momentum * tree.at_least_float32(m_prev) + (1 - momentum) * g_wide
         return quasi_hyperbolic_average(g_wide, m, nu).astype(g.dtype), m.astype(m_prev.dtype)
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        updates, trace = _unzip(jax.tree.map(per_leaf, updates, state.trace), updates, 2)
+        updates, trace = tree.unzip(jax.tree.map(per_leaf, updates, state.trace), updates, 2)
         return updates, ScaleByQHMState(trace=trace)
 
     return GradientTransformation(init, update)
@@ -144,6 +143,7 @@ def qhm(
         Ma & Yarats, 2019. Quasi-hyperbolic momentum and Adam for deep learning, https://arxiv.org/abs/1810.06801
     """
     _checks.learning_rate("qhm", learning_rate)
+    _checks.mask("qhm", "mask", mask)
     _check_qhm("qhm", momentum, nu, accumulator_dtype)
     _checks.non_negative("qhm", "weight_decay", weight_decay, schedule_ok=True)
     return chain(

@@ -8,16 +8,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import (
-    ScaleByAdamState,
-    _abs_sq,
-    _at_least_float32,
-    _bias_correction,
-    _check_adam,
-    _debiased_first_moment,
-    _ema,
-    _unzip,
-)
+from gradtx.optimizers.adam import ScaleByAdamState, _check_adam, _debiased_first_moment
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -85,8 +76,8 @@ def scale_by_radam(
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        c1, c2 = _bias_correction(b1, count), _bias_correction(b2, count)
-        c1_next = _bias_correction(b1, tree.safe_increment(count))  # for Nesterov's look-ahead
+        c1, c2 = tree.bias_correction(b1, count), tree.bias_correction(b2, count)
+        c1_next = tree.bias_correction(b1, tree.safe_increment(count))  # for Nesterov's look-ahead
         b2_t = b2**count
         rho = rho_inf - 2 * count * b2_t / (1 - b2_t)
         rectify = (rho >= threshold) & (rho > 4.0)
@@ -95,15 +86,15 @@ def scale_by_radam(
         r = jnp.sqrt(ratio)
 
         def per_leaf(g, m_prev, v_prev):
-            g_wide = _at_least_float32(g)
-            m = _ema(g_wide, m_prev, b1)
-            v = _ema(_abs_sq(g_wide), jnp.real(v_prev), b2)
+            g_wide = tree.at_least_float32(g)
+            m = tree.ema_update(g_wide, m_prev, b1)
+            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(v_prev), b2)
             m_hat = _debiased_first_moment(g_wide, m, b1, c1, c1_next, nesterov)
             v_hat = v / c2
             u = jnp.where(rectify, r.astype(m_hat.dtype) * m_hat / (jnp.sqrt(v_hat + eps_root) + eps), m_hat)
             return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
@@ -140,6 +131,7 @@ def radam(
         Liu et al., 2020. On the Variance of the Adaptive Learning Rate and Beyond, https://arxiv.org/abs/1908.03265
     """
     _checks.learning_rate("radam", learning_rate)
+    _checks.boolean("radam", "nesterov", nesterov)
     _check_adam("radam", b1, b2, eps, eps_root)
     _checks.number("radam", "threshold", threshold)
     return chain(

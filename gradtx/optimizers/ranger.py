@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
-from gradtx.optimizers.adam import _abs_sq, _at_least_float32, _real_at_least_float32, _unzip
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import centralize, scale_by_learning_rate
 from gradtx.wrappers.lookahead import lookahead_wrapper
@@ -139,14 +138,14 @@ def scale_by_ranger_radam(
         rectified, step_size = _rectification(count, b1, b2, threshold)
 
         def per_leaf(g, m_prev, v_prev):
-            g_wide = _at_least_float32(g)
-            m = b1 * _at_least_float32(m_prev) + (1 - b1) * g_wide
-            v = b2 * _real_at_least_float32(v_prev) + (1 - b2) * _abs_sq(g_wide)
+            g_wide = tree.at_least_float32(g)
+            m = b1 * tree.at_least_float32(m_prev) + (1 - b1) * g_wide
+            v = b2 * tree.real_at_least_float32(v_prev) + (1 - b2) * tree.abs_sq(g_wide)
             direction = jnp.where(rectified, m / (jnp.sqrt(v) + eps), m)
             u = step_size.astype(direction.real.dtype) * direction
             return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByRangerRAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
@@ -219,6 +218,7 @@ def ranger(
     """
     owner = "ranger"
     _checks.learning_rate(owner, learning_rate)
+    _checks.mask("ranger", "mask", mask)
     _check_ranger_radam(owner, b1, b2, eps, threshold)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
     _checks.positive_int(owner, "sync_period", sync_period)

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
-from gradtx.optimizers.adam import _abs_sq, _at_least_float32, _bias_correction, _real_at_least_float32, _unzip
 from gradtx.transforms.momentum import trace
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -96,15 +95,15 @@ def scale_by_rms(
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        correction = _bias_correction(decay, count)
+        correction = tree.bias_correction(decay, count)
 
         def per_leaf(g, v_prev):
-            g_wide = _at_least_float32(g)
-            v = (1 - decay) * _abs_sq(g_wide) + decay * _real_at_least_float32(v_prev)
+            g_wide = tree.at_least_float32(g)
+            v = (1 - decay) * tree.abs_sq(g_wide) + decay * tree.real_at_least_float32(v_prev)
             v_hat = v / correction if bias_correction else v
             return (_inverse_rms(v_hat, eps, eps_in_sqrt) * g_wide).astype(g.dtype), v.astype(v_prev.dtype)
 
-        updates, nu = _unzip(jax.tree.map(per_leaf, updates, state.nu), updates, 2)
+        updates, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.nu), updates, 2)
         return updates, ScaleByRmsState(count=count, nu=nu)
 
     return GradientTransformation(init, update)
@@ -152,17 +151,17 @@ def scale_by_stddev(
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        correction = _bias_correction(decay, count)
+        correction = tree.bias_correction(decay, count)
 
         def per_leaf(g, m_prev, v_prev):
-            g_wide = _at_least_float32(g)
-            m = (1 - decay) * g_wide + decay * _at_least_float32(m_prev)
-            v = (1 - decay) * _abs_sq(g_wide) + decay * _real_at_least_float32(v_prev)
+            g_wide = tree.at_least_float32(g)
+            m = (1 - decay) * g_wide + decay * tree.at_least_float32(m_prev)
+            v = (1 - decay) * tree.abs_sq(g_wide) + decay * tree.real_at_least_float32(v_prev)
             m_hat, v_hat = (m / correction, v / correction) if bias_correction else (m, v)
-            u = _inverse_rms(v_hat - _abs_sq(m_hat), eps, eps_in_sqrt) * g_wide
+            u = _inverse_rms(v_hat - tree.abs_sq(m_hat), eps, eps_in_sqrt) * g_wide
             return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByRStdDevState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

@@ -202,6 +202,7 @@ def scale_by_sophia(
     _check_sophia(owner, b1, b2, rho, eps, update_interval, hessian_estimator, seed, mu_dtype)
 
     def init(params):
+        tree.check_real_params(owner, params)
         return ScaleBySophiaState(
             count=tree.zero_count(),
             mu=tree.zeros_like(params, mu_dtype),
@@ -333,6 +334,7 @@ def sophia_h(
 
 def _sophia(owner, estimator, learning_rate, b1, b2, rho, weight_decay, mask, eps, update_interval, seed, mu_dtype):
     _checks.learning_rate(owner, learning_rate)
+    _checks.mask(owner, "mask", mask)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
     _check_sophia(owner, b1, b2, rho, eps, update_interval, estimator, seed, mu_dtype)
     return chain(

@@ -8,16 +8,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
-from gradtx.optimizers.adam import (
-    ScaleByAdamState,
-    _abs_sq,
-    _at_least_float32,
-    _bias_correction,
-    _check_adam,
-    _ema,
-    _real_at_least_float32,
-    _unzip,
-)
+from gradtx.optimizers.adam import ScaleByAdamState, _check_adam
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -78,18 +69,18 @@ def scale_by_yogi(
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        c1, c2 = _bias_correction(b1, count), _bias_correction(b2, count)
+        c1, c2 = tree.bias_correction(b1, count), tree.bias_correction(b2, count)
 
         def per_leaf(g, m_prev, v_prev):
-            g_wide = _at_least_float32(g)
-            g_sq = _abs_sq(g_wide)
-            m = _ema(g_wide, m_prev, b1)
-            v = _real_at_least_float32(v_prev)
+            g_wide = tree.at_least_float32(g)
+            g_sq = tree.abs_sq(g_wide)
+            m = tree.ema_update(g_wide, m_prev, b1)
+            v = tree.real_at_least_float32(v_prev)
             v = v - (1 - b2) * jnp.sign(v - g_sq) * g_sq
             u = (m / c1) / (jnp.sqrt(v / c2 + eps_root) + eps)
             return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
 
-        updates, mu, nu = _unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

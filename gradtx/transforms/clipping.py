@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from gradtx import _checks, tree
 from gradtx.base import EmptyState, GradientTransformation, elementwise
-from gradtx.optimizers.adam import _abs_sq
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -121,7 +120,7 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
     _checks.positive("clip_by_block_rms", "threshold", threshold)
 
     def per_leaf(g):
-        rms = jnp.sqrt(jnp.mean(_abs_sq(g)))
+        rms = jnp.sqrt(jnp.mean(tree.abs_sq(g)))
         return (g / jnp.maximum(1.0, rms / threshold)).astype(g.dtype)
 
     return elementwise("clip_by_block_rms", per_leaf)

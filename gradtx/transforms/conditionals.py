@@ -137,6 +137,7 @@ def accumulate_gradients(inner: GradientTransformation, every_k_schedule: int, *
     """
     _check_transformation("accumulate_gradients", "inner", inner)
     _checks.positive_int("accumulate_gradients", "every_k_schedule", every_k_schedule)
+    _checks.boolean("accumulate_gradients", "use_grad_mean", use_grad_mean)
     inner_update = _forwarding_update(inner)
     k = every_k_schedule
 

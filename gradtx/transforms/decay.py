@@ -56,6 +56,7 @@ def add_decayed_weights(
         Loshchilov & Hutter, 2019. Decoupled Weight Decay Regularization, https://arxiv.org/abs/1711.05101
     """
     _checks.non_negative("add_decayed_weights", "weight_decay", weight_decay, schedule_ok=True)
+    _checks.mask("add_decayed_weights", "mask", mask)
     # A constant zero decay is the identity; skipping the multiply-add also keeps infinite
     # parameters from turning the update into NaN (0 * inf), as in Optax.
     is_zero = isinstance(weight_decay, numbers.Real) and weight_decay == 0.0

@@ -12,7 +12,6 @@ import jax
 
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation
-from gradtx.optimizers.adam import _at_least_float32, _bias_correction, _unzip
 
 
 class TraceState(NamedTuple):
@@ -66,12 +65,12 @@ def trace(decay: float, nesterov: bool = False, accumulator_dtype: Any = None) -
         del params, extra_args
 
         def per_leaf(g, m_prev):
-            g_wide = _at_least_float32(g)
-            m = g_wide + decay * _at_least_float32(m_prev)
+            g_wide = tree.at_least_float32(g)
+            m = g_wide + decay * tree.at_least_float32(m_prev)
             u = g_wide + decay * m if nesterov else m
             return u.astype(g.dtype), m.astype(m_prev.dtype)
 
-        updates, momentum = _unzip(jax.tree.map(per_leaf, updates, state.trace), updates, 2)
+        updates, momentum = tree.unzip(jax.tree.map(per_leaf, updates, state.trace), updates, 2)
         return updates, TraceState(trace=momentum)
 
     return GradientTransformation(init, update)
@@ -121,14 +120,14 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: Any = None) -> Gra
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         count = tree.safe_increment(state.count)
-        correction = _bias_correction(decay, count)
+        correction = tree.bias_correction(decay, count)
 
         def per_leaf(g, m_prev):
-            m = (1 - decay) * _at_least_float32(g) + decay * _at_least_float32(m_prev)
+            m = (1 - decay) * tree.at_least_float32(g) + decay * tree.at_least_float32(m_prev)
             u = m / correction if debias else m
             return u.astype(g.dtype), m.astype(m_prev.dtype)
 
-        updates, average = _unzip(jax.tree.map(per_leaf, updates, state.ema), updates, 2)
+        updates, average = tree.unzip(jax.tree.map(per_leaf, updates, state.ema), updates, 2)
         return updates, EmaState(count=count, ema=average)
 
     return GradientTransformation(init, update)

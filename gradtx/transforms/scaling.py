@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from gradtx import _checks, tree
-from gradtx.base import EmptyState, GradientTransformation, ScalarOrSchedule, elementwise
+from gradtx.base import GradientTransformation, ScalarOrSchedule, elementwise
 
 
 def scale(step_size: float) -> GradientTransformation:
@@ -87,6 +87,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         Babuschkin et al., 2020. The DeepMind JAX Ecosystem (Optax), https://github.com/google-deepmind/optax
     """
     _checks.learning_rate("scale_by_learning_rate", learning_rate)
+    _checks.boolean("scale_by_learning_rate", "flip_sign", flip_sign)
     sign = -1 if flip_sign else 1
     if callable(learning_rate):
         return scale_by_schedule(lambda count: sign * learning_rate(count))
@@ -128,7 +129,7 @@ def scale_by_trust_ratio(min_norm: float = 0.0, trust_coefficient: float = 1.0, 
     """
     owner = "scale_by_trust_ratio"
     _checks.non_negative(owner, "min_norm", min_norm)
-    _checks.number(owner, "trust_coefficient", trust_coefficient)
+    _checks.non_negative(owner, "trust_coefficient", trust_coefficient)
     _checks.non_negative(owner, "eps", eps)
 
     def per_leaf(u, p):
