@@ -20,6 +20,55 @@ from gradtx.combine import (
     named_chain,
     partition,
 )
+from gradtx.optimizers.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
+from gradtx.optimizers.adabound import (
+    ScaleByAdaBoundState,
+    adabound,
+    amsbound,
+    scale_by_adabound,
+)
+from gradtx.optimizers.adafactor import FactoredState, adafactor, factored_second_moment
+from gradtx.optimizers.adagrad import ScaleByRssState, adagrad, scale_by_rss
+from gradtx.optimizers.adam import (
+    ScaleByAdamState,
+    adam,
+    adamw,
+    nadam,
+    nadamw,
+    scale_by_adam,
+)
+from gradtx.optimizers.adamax import adamax, adamaxw, scale_by_adamax
+from gradtx.optimizers.amsgrad import ScaleByAmsgradState, amsgrad, scale_by_amsgrad
+from gradtx.optimizers.lamb import lamb
+from gradtx.optimizers.lars import lars
+from gradtx.optimizers.lion import ScaleByLionState, lion, scale_by_lion
+from gradtx.optimizers.novograd import ScaleByNovogradState, novograd, scale_by_novograd
+from gradtx.optimizers.qhadam import qhadam, qhadamw, scale_by_qhadam
+from gradtx.optimizers.qhm import (
+    ScaleByQHMState,
+    qhm,
+    quasi_hyperbolic_average,
+    scale_by_qhm,
+)
+from gradtx.optimizers.radam import radam, scale_by_radam
+from gradtx.optimizers.ranger import ScaleByRangerRAdamState, ranger, scale_by_ranger_radam
+from gradtx.optimizers.rmsprop import (
+    ScaleByRmsState,
+    ScaleByRStdDevState,
+    rmsprop,
+    scale_by_rms,
+    scale_by_stddev,
+)
+from gradtx.optimizers.sgd import sgd
+from gradtx.optimizers.sophia import (
+    ScaleBySophiaState,
+    gnb_hessian_estimate,
+    hutchinson_hessian_estimate,
+    scale_by_sophia,
+    sophia,
+    sophia_h,
+)
+from gradtx.optimizers.yogi import scale_by_yogi, yogi
 from gradtx.schedules import (
     clamp_schedule,
     constant_schedule,
@@ -43,22 +92,7 @@ from gradtx.schedules import (
     warmup_exponential_decay_schedule,
     with_warmup,
 )
-from gradtx.transforms.scaling import (
-    ScaleByScheduleState,
-    centralize,
-    scale,
-    scale_by_learning_rate,
-    scale_by_schedule,
-    scale_by_sign,
-    scale_by_trust_ratio,
-)
-from gradtx.transforms.decay import AddDecayedWeightsState, add_decayed_weights
-from gradtx.transforms.momentum import (
-    EmaState,
-    TraceState,
-    ema,
-    trace,
-)
+from gradtx.state.accounting import state_bytes, state_bytes_per_parameter
 from gradtx.transforms.clipping import clip, clip_by_block_rms, clip_by_global_norm
 from gradtx.transforms.conditionals import (
     AccumulateGradientsState,
@@ -67,55 +101,22 @@ from gradtx.transforms.conditionals import (
     accumulate_gradients,
     apply_if_finite,
 )
+from gradtx.transforms.decay import AddDecayedWeightsState, add_decayed_weights
+from gradtx.transforms.momentum import (
+    EmaState,
+    TraceState,
+    ema,
+    trace,
+)
 from gradtx.transforms.plateau import ReduceOnPlateauState, reduce_on_plateau
-from gradtx.optimizers.sgd import sgd
-from gradtx.optimizers.adagrad import ScaleByRssState, adagrad, scale_by_rss
-from gradtx.optimizers.rmsprop import (
-    ScaleByRStdDevState,
-    ScaleByRmsState,
-    rmsprop,
-    scale_by_rms,
-    scale_by_stddev,
-)
-from gradtx.optimizers.adam import (
-    ScaleByAdamState,
-    adam,
-    adamw,
-    nadam,
-    nadamw,
-    scale_by_adam,
-)
-from gradtx.optimizers.amsgrad import ScaleByAmsgradState, amsgrad, scale_by_amsgrad
-from gradtx.optimizers.radam import radam, scale_by_radam
-from gradtx.optimizers.adamax import adamax, adamaxw, scale_by_adamax
-from gradtx.optimizers.lamb import lamb
-from gradtx.optimizers.lars import lars
-from gradtx.optimizers.lion import ScaleByLionState, lion, scale_by_lion
-from gradtx.optimizers.novograd import ScaleByNovogradState, novograd, scale_by_novograd
-from gradtx.optimizers.adafactor import FactoredState, adafactor, factored_second_moment
-from gradtx.optimizers.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
-from gradtx.optimizers.yogi import scale_by_yogi, yogi
-from gradtx.optimizers.qhm import (
-    ScaleByQHMState,
-    qhm,
-    quasi_hyperbolic_average,
-    scale_by_qhm,
-)
-from gradtx.optimizers.qhadam import qhadam, qhadamw, scale_by_qhadam
-from gradtx.optimizers.adabound import (
-    ScaleByAdaBoundState,
-    adabound,
-    amsbound,
-    scale_by_adabound,
-)
-from gradtx.optimizers.ranger import ScaleByRangerRAdamState, ranger, scale_by_ranger_radam
-from gradtx.optimizers.sophia import (
-    ScaleBySophiaState,
-    gnb_hessian_estimate,
-    hutchinson_hessian_estimate,
-    scale_by_sophia,
-    sophia,
-    sophia_h,
+from gradtx.transforms.scaling import (
+    ScaleByScheduleState,
+    centralize,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+    scale_by_sign,
+    scale_by_trust_ratio,
 )
 from gradtx.wrappers.inject import InjectHyperparamsState, inject_hyperparams
 from gradtx.wrappers.lookahead import LookaheadState, lookahead_slow_params, lookahead_wrapper
@@ -132,7 +133,6 @@ from gradtx.wrappers.schedule_free import (
     schedule_free_eval_params,
     schedule_free_sgd,
 )
-from gradtx.state.accounting import state_bytes, state_bytes_per_parameter
 
 __all__ = [
     "AccumulateGradientsState",

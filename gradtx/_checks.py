@@ -46,7 +46,8 @@ def number(
     accepted = _interval(low, high, low_open, high_open)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
-    if math.isnan(value) or too_low or too_high:
+    unbounded_but_infinite = low is None and high is None and math.isinf(value)
+    if math.isnan(value) or too_low or too_high or unbounded_but_infinite:
         raise ValueError(f"{owner}: {name} must be {accepted}, got {value!r}")
 
 
@@ -106,6 +107,32 @@ def one_of(owner: str, name: str, value: Any, accepted: tuple) -> None:
     """A value from a fixed set of choices."""
     if value not in accepted:
         raise ValueError(f"{owner}: {name} must be one of {accepted}, got {value!r}")
+
+
+def boolean(owner: str, name: str, value: Any) -> None:
+    """A flag: ``True`` or ``False`` (not merely truthy, so that a misplaced argument is caught)."""
+    one_of(owner, name, value, (False, True))
+
+
+def _is_mask_leaf(leaf: Any) -> bool:
+    if isinstance(leaf, bool):
+        return True
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and getattr(dtype, "kind", "") == "b"
+
+
+def mask(owner: str, name: str, value: Any) -> None:
+    """A mask: ``None``, a callable ``params -> pytree of bools``, or a pytree of booleans."""
+    if value is None or callable(value):
+        return
+    import jax
+
+    bad = [leaf for leaf in jax.tree.leaves(value) if not _is_mask_leaf(leaf)]
+    if bad:
+        raise TypeError(
+            f"{owner}: {name} must be None, a pytree of booleans or a callable params -> pytree of booleans, "
+            f"got {value!r} (non-boolean leaf {bad[0]!r})"
+        )
 
 
 def dtype(owner: str, name: str, value: Any) -> None:

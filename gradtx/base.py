@@ -14,7 +14,8 @@ never arrays, so Flax can keep it as a static attribute.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 
@@ -22,7 +23,7 @@ Params = Any
 Updates = Any
 OptState = Any
 Schedule = Callable[[jax.Array], jax.Array]
-ScalarOrSchedule = Union[float, jax.Array, Schedule]
+ScalarOrSchedule = float | jax.Array | Schedule
 
 
 class InitFn(Protocol):

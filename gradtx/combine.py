@@ -9,10 +9,12 @@ parameters.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Hashable, Mapping, NamedTuple
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 
+from gradtx import _checks, tree
 from gradtx.base import GradientTransformation
 
 
@@ -67,9 +69,20 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update(updates, state, params=None, **extra_args):
         if len(state) != len(transforms):
             raise ValueError(f"chain: state has {len(state)} entries but the chain has {len(transforms)} transformations")
+        if params is not None:
+            tree.check_same_structure("chain", "updates", updates, "params", params)
         new_state = []
-        for update_fn, inner_state in zip(updates_fns, state):
-            updates, inner_state = update_fn(updates, inner_state, params, **extra_args)
+        for index, (update_fn, inner_state) in enumerate(zip(updates_fns, state)):
+            try:
+                updates, inner_state = update_fn(updates, inner_state, params, **extra_args)
+            except ValueError as error:
+                if "pytree structure" not in str(error) and "mismatch" not in str(error):
+                    raise
+                # Only reached while tracing (or running eagerly): zero cost inside jit.
+                raise ValueError(
+                    f"chain: transforms[{index}] could not match the updates with its state; was the state "
+                    f"built by init from parameters with another tree structure? {error}"
+                ) from error
             new_state.append(inner_state)
         return updates, tuple(new_state)
 
@@ -92,6 +105,9 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
     References:
         Babuschkin et al., 2020. The DeepMind JAX Ecosystem (Optax), https://github.com/google-deepmind/optax
     """
+    for index, item in enumerate(transforms):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"named_chain: transforms[{index}] must be a (name, transformation) pair with a str name, got {item!r}")
     names = [name for name, _ in transforms]
     if len(set(names)) != len(names):
         raise ValueError(f"named_chain: names must be unique, got {names}")
@@ -150,6 +166,7 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
         Babuschkin et al., 2020. The DeepMind JAX Ecosystem (Optax), https://github.com/google-deepmind/optax
     """
     _check_transformation("masked", "inner", inner)
+    _checks.mask("masked", "mask", mask)
     inner_update = _forwarding_update(inner)
 
     def init(params):
@@ -195,6 +212,8 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
     """
     if not isinstance(transforms, Mapping) or not transforms:
         raise ValueError(f"partition: transforms must be a non-empty mapping from label to transformation, got {transforms!r}")
+    for label, tx in transforms.items():
+        _check_transformation("partition", f"transforms[{label!r}]", tx)
 
     def labels_of(tree):
         labels = param_labels(tree) if callable(param_labels) else param_labels
@@ -224,7 +243,15 @@ def apply_updates(params: Any, updates: Any) -> Any:
     """Add updates to parameters, keeping every parameter's dtype: ``p_{t+1} = p_t + u_t``.
 
     The sum is cast back to the parameter's dtype, so bfloat16 parameters stay bfloat16
-    even when the updates are float32. ``None`` parameters stay ``None``.
+    even when the updates are float32. ``None`` parameters stay ``None``, and a ``None``
+    update leaves its parameter unchanged.
+
+    Integer and boolean parameters (step counters, masks, embeddings' index tables kept in
+    the parameter tree) are not trainable: by design they are returned untouched, bit for
+    bit, whatever their update. The optimizers themselves expect floating (or complex)
+    leaves, so route such leaves to ``set_to_zero()`` with :func:`partition` or mask them
+    out with :func:`masked`. Trees whose structures differ raise a ``ValueError`` naming
+    the first differing path.
 
     Args:
         params: the current parameters.
@@ -241,9 +268,11 @@ def apply_updates(params: Any, updates: Any) -> Any:
     References:
         Babuschkin et al., 2020. The DeepMind JAX Ecosystem (Optax), https://github.com/google-deepmind/optax
     """
-    return jax.tree.map(
-        lambda p, u: None if p is None else (p + u).astype(jax.numpy.result_type(p)),
-        params,
-        updates,
-        is_leaf=lambda x: x is None,
-    )
+    tree.check_same_structure("apply_updates", "params", params, "updates", updates)
+
+    def per_leaf(p, u):
+        if p is None or u is None or not jax.numpy.issubdtype(jax.numpy.result_type(p), jax.numpy.inexact):
+            return p
+        return (p + u).astype(jax.numpy.result_type(p))
+
+    return jax.tree.map(per_leaf, params, updates, is_leaf=lambda x: x is None)

@@ -137,14 +137,13 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-def _first_difference(a: Any, b: Any) -> tuple[str, str]:
+def _first_difference(a: Any, b: Any) -> tuple[str | None, str | None]:
     paths_a = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(a, is_leaf=_is_none)[0]]
     paths_b = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(b, is_leaf=_is_none)[0]]
-    for i in range(max(len(paths_a), len(paths_b))):
-        path_a = paths_a[i] if i < len(paths_a) else None
-        path_b = paths_b[i] if i < len(paths_b) else None
-        if path_a != path_b:
-            return path_a, path_b
+    only_a = [path for path in paths_a if path not in set(paths_b)]
+    only_b = [path for path in paths_b if path not in set(paths_a)]
+    if only_a or only_b:
+        return (only_a[0] if only_a else None), (only_b[0] if only_b else None)
     # Same leaf paths, different containers (a list against a tuple, a dict against a NamedTuple).
     return str(jax.tree.structure(a, is_leaf=_is_none)), str(jax.tree.structure(b, is_leaf=_is_none))
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_transforms import assert_relative_close, trajectories
 
 from gradtx.optimizers.adafactor import FactoredState, adafactor, factored_second_moment
 from gradtx.optimizers.adagrad import adagrad, scale_by_rss
@@ -17,8 +18,6 @@ from gradtx.optimizers.lion import lion, scale_by_lion
 from gradtx.optimizers.novograd import novograd, scale_by_novograd
 from gradtx.optimizers.rmsprop import ScaleByRmsState, rmsprop, scale_by_rms, scale_by_stddev
 from gradtx.optimizers.sgd import sgd
-
-from test_transforms import assert_relative_close, trajectories
 
 STEPS = 30
 

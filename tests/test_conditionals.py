@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from problems import assert_relative_close, mlp_regression, run, tree_grads, tree_params
 
 import gradtx
-from problems import assert_relative_close, mlp_regression, run, tree_grads, tree_params
 
 
 def bits(tree):

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import gradtx
 from problems import parabola, rosenbrock, run, tree_grads, tree_loss, tree_params
 from registry import ALL
+
+import gradtx
 
 pytestmark = pytest.mark.parametrize("entry", ALL, ids=str)
 

@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
-import gradtx
 from problems import mlp_regression, run
 from registry import ALL
+
+import gradtx
 
 
 def test_gradtx_inside_optax_chain_matches_pure_optax():

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import jax
-import numpy as np
 import optax
 import pytest
-
-import gradtx
 from problems import assert_relative_close, mlp_regression, run
 from registry import OPTIMIZERS
+
+import gradtx
 
 STEPS = 100
 

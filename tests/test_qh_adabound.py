@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from reference_problem import assert_matches_fixture, load_fixture, trajectory
 
 from gradtx.optimizers.adabound import adabound, amsbound, scale_by_adabound
 from gradtx.optimizers.adam import adam
 from gradtx.optimizers.qhadam import qhadam, qhadamw, scale_by_qhadam
 from gradtx.optimizers.qhm import qhm, scale_by_qhm
-from reference_problem import assert_matches_fixture, load_fixture, trajectory
 
 
 def _qhadam_from(hp, factory):

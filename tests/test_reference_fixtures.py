@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from reference_problem import FIXTURES
 
 HERE = os.path.dirname(__file__)

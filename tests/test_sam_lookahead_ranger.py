@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from problems import tree_grads, tree_params
+from reference_problem import assert_matches_fixture, jax_problem, load_fixture, trajectory
 
 import gradtx
 from gradtx import tree
@@ -21,8 +23,6 @@ from gradtx.transforms.scaling import centralize
 from gradtx.wrappers.inject import inject_hyperparams
 from gradtx.wrappers.lookahead import LookaheadState, lookahead_slow_params, lookahead_wrapper
 from gradtx.wrappers.sam import sam, sam_perturb, sam_train_step
-from problems import tree_grads, tree_params
-from reference_problem import assert_matches_fixture, jax_problem, load_fixture, trajectory
 
 
 def torch_sgd(lr, momentum, weight_decay=0.0):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from problems import mlp_regression, run
+from reference_problem import assert_matches_fixture, jax_problem, load_fixture
 
 from gradtx.combine import apply_updates
 from gradtx.optimizers.sophia import (
@@ -26,8 +27,6 @@ from gradtx.wrappers.schedule_free import (
     schedule_free_eval_params,
     schedule_free_sgd,
 )
-from problems import mlp_regression, run
-from reference_problem import assert_matches_fixture, jax_problem, load_fixture
 
 FIXTURE_NAMES = ("schedule_free_adamw", "schedule_free_sgd", "sophia")
 

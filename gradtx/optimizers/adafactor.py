@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,8 @@ class FactoredState(NamedTuple):
 
 def _power_decay(step: jax.Array, exponent) -> jax.Array:
     """Adafactor's second-moment decay :math:`\\hat\\beta_{2,t} = 1 - t^{-c}` at ``t = step + 1``."""
-    t = jnp.asarray(step + 1, jnp.float32)
+    # Add in float32: ``step + 1`` in int32 wraps to -2**31 at a saturated counter (NaN decay).
+    t = jnp.asarray(step, jnp.float32) + 1.0
     return 1.0 - t ** (-exponent)
 
 

@@ -12,7 +12,8 @@ follows Optax's formula order, so results agree with Optax to rounding.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,8 @@ The parameterization follows the authors' SophiaG (``Liuhong99/Sophia``, package
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,8 @@ boundaries are static Python integers validated at construction.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,9 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
         Babuschkin et al., 2020. The DeepMind JAX Ecosystem (Optax), https://github.com/google-deepmind/optax
     """
     owner = "join_schedules"
+    for name, value in (("schedules", schedules), ("boundaries", boundaries)):
+        if not isinstance(value, Sequence):
+            raise TypeError(f"{owner}: {name} must be a sequence (list or tuple), got {value!r}")
     schedules, boundaries = list(schedules), list(boundaries)
     if not schedules:
         raise ValueError(f"{owner}: schedules must hold at least one schedule, got {schedules!r}")

@@ -23,7 +23,8 @@ and the values agree with Optax's. Deliberate differences, each repeated where i
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -798,9 +799,14 @@ def sgdr_schedule(cosine_kwargs: Iterable[Mapping[str, Any]]) -> Schedule:
         Loshchilov & Hutter, 2017. SGDR: Stochastic Gradient Descent with Warm Restarts, https://arxiv.org/abs/1608.03983
     """
     owner = "sgdr_schedule"
+    if isinstance(cosine_kwargs, Mapping) or not isinstance(cosine_kwargs, Iterable):
+        raise TypeError(f"{owner}: cosine_kwargs must be a sequence of dicts of warmup_cosine_decay_schedule arguments, got {cosine_kwargs!r}")
     cosine_kwargs = list(cosine_kwargs)
     if not cosine_kwargs:
         raise ValueError(f"{owner}: cosine_kwargs must hold at least one dict, got {cosine_kwargs!r}")
+    for index, kwargs in enumerate(cosine_kwargs):
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"{owner}: cosine_kwargs[{index}] must be a dict of warmup_cosine_decay_schedule arguments, got {kwargs!r}")
     schedules, boundaries = [], []
     for index, kwargs in enumerate(cosine_kwargs):
         try:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,8 @@ def inject_hyperparams(
     """
     if not callable(inner_factory):
         raise TypeError(f"inject_hyperparams: inner_factory must be callable, got {inner_factory!r}")
+    if not isinstance(static_args, (str, Iterable)) or not all(isinstance(name, str) for name in ([static_args] if isinstance(static_args, str) else static_args)):
+        raise TypeError(f"inject_hyperparams: static_args must be an argument name or an iterable of argument names, got {static_args!r}")
     static = {static_args} if isinstance(static_args, str) else set(static_args)
     _checks.dtype("inject_hyperparams", "hyperparam_dtype", hyperparam_dtype)
     signature = inspect.signature(inner_factory)

@@ -26,7 +26,8 @@ writing your own ``grad_fn``, run the model in a mode that does not update the s
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,7 @@ def sam(base_optimizer: GradientTransformation, rho: float = 0.05, *, adaptive: 
     if not (callable(getattr(base_optimizer, "init", None)) and callable(getattr(base_optimizer, "update", None))):
         raise TypeError(f"{owner}: base_optimizer must be a gradient transformation with init and update, got {base_optimizer!r}")
     _checks.positive(owner, "rho", rho)
+    _checks.boolean(owner, "adaptive", adaptive)
     perturb = sam_perturb(rho, adaptive=adaptive)
 
     def init(params):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import warnings
 
 from adabound import AdaBound
-
 from common import STEPS, run_torch, torch_problem, write_fixture
 
 REFERENCE = "adabound.AdaBound (adabound 0.0.5, Luolc/AdaBound)"

@@ -21,7 +21,6 @@ project root::
 from __future__ import annotations
 
 import torch
-
 from common import STEPS, snapshot, torch_problem, write_fixture
 
 CASES = {

@@ -17,9 +17,8 @@ from __future__ import annotations
 import warnings
 
 import qhoptim
-from qhoptim.pyt import QHAdam, QHAdamW
-
 from common import run_torch, torch_problem, write_fixture
+from qhoptim.pyt import QHAdam, QHAdamW
 
 CASES = {
     "qhadam": (QHAdam, {"lr": 0.02, "betas": (0.95, 0.99), "nus": (0.6, 0.8), "eps": 1e-6, "weight_decay": 0.05}),

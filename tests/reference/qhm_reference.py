@@ -15,9 +15,8 @@ from __future__ import annotations
 import warnings
 
 import qhoptim
-from qhoptim.pyt import QHM
-
 from common import run_torch, torch_problem, write_fixture
+from qhoptim.pyt import QHM
 
 HYPERPARAMETERS = {"lr": 0.5, "momentum": 0.95, "nu": 0.6, "weight_decay": 0.02}
 

@@ -32,7 +32,6 @@ import sys
 import warnings
 
 import pytorch_ranger
-
 from common import run_torch, torch_problem, write_fixture
 
 COMMIT = "c82a30460684c7301086d84185a1927b1c256afa"

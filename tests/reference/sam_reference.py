@@ -23,7 +23,6 @@ import os
 import sys
 
 import torch
-
 from common import STEPS, snapshot, torch_problem, write_fixture
 
 COMMIT = "3c3afdbd71cff2462ec91c734b3d1170bd0f3707"

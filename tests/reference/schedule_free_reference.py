@@ -23,9 +23,8 @@ from __future__ import annotations
 from importlib.metadata import version
 
 import torch
-from schedulefree import AdamWScheduleFree, SGDScheduleFree
-
 from common import STEPS, snapshot, torch_problem, write_fixture
+from schedulefree import AdamWScheduleFree, SGDScheduleFree
 
 ADAMW = {
     "lr": 0.05, "betas": (0.85, 0.99), "eps": 1e-6, "weight_decay": 0.05, "warmup_steps": 10, "r": 0.0, "weight_lr_power": 2.0

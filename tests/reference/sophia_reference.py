@@ -28,9 +28,8 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-from sophia_opt import SophiaG
-
 from common import STEPS, snapshot, torch_problem, write_fixture
+from sophia_opt import SophiaG
 
 HYPERPARAMETERS = {"lr": 0.02, "betas": (0.9, 0.9), "rho": 0.5, "weight_decay": 0.2}
 BATCH_SIZE = 16  # the problem's number of examples: the reference's ``bs``
