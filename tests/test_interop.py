@@ -65,3 +65,30 @@ def test_flax_nnx_optimizer(entry):
     assert np.isfinite(losses).all()
     assert losses[-1] < losses[0]
     assert model.hidden.kernel[...].dtype == jnp.float32
+
+
+def test_flax_linen_train_state():
+    from flax import linen
+    from flax.training import train_state
+
+    class Linear(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(1)(jnp.tanh(linen.Dense(16)(x)))
+
+    model = Linear()
+    x = jax.random.normal(jax.random.key(1), (32, 4))
+    y = jnp.sin(x.sum(axis=1, keepdims=True))
+    state = train_state.TrainState.create(apply_fn=model.apply, params=model.init(jax.random.key(0), x), tx=gradtx.lamb(5e-2))
+
+    @jax.jit
+    def step(state):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((state.apply_fn(p, x) - y) ** 2))(state.params)
+        return state.apply_gradients(grads=grads), loss
+
+    losses = []
+    for _ in range(60):
+        state, loss = step(state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 60
