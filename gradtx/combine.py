@@ -140,7 +140,10 @@ def _mask_tree(mask, tree) -> Any:
 
 
 def _keep_selected(mask_tree, tree) -> Any:
-    return jax.tree.map(lambda keep, x: x if keep else MaskedNode(), mask_tree, tree)
+    try:
+        return jax.tree.map(lambda keep, x: x if keep else MaskedNode(), mask_tree, tree)
+    except ValueError as error:
+        raise ValueError(f"masked: mask must have the tree structure of the parameters (or a prefix of it); {error}") from error
 
 
 def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
@@ -251,7 +254,8 @@ def apply_updates(params: Any, updates: Any) -> Any:
     bit, whatever their update. The optimizers themselves expect floating (or complex)
     leaves, so route such leaves to ``set_to_zero()`` with :func:`partition` or mask them
     out with :func:`masked`. Trees whose structures differ raise a ``ValueError`` naming
-    the first differing path.
+    the first differing path. Non-finite updates are added as they are (a NaN gradient
+    makes NaN parameters); wrap the optimizer in :func:`apply_if_finite` to skip such steps.
 
     Args:
         params: the current parameters.

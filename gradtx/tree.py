@@ -130,7 +130,11 @@ def debias(moment: jax.Array, decay, count: jax.Array) -> jax.Array:
 
 def unzip(per_leaf_tuples: Any, like: Any, n: int) -> tuple:
     """Turn a tree of ``n``-tuples (one per leaf of ``like``) into ``n`` trees shaped like ``like``."""
-    return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0,) * n), per_leaf_tuples)
+    outer = jax.tree.structure(like)
+    if outer.num_leaves == 0:
+        # Every leaf masked out: nothing to transpose (and jax.tree.transpose cannot infer an empty one).
+        return (jax.tree.unflatten(outer, []),) * n
+    return jax.tree.transpose(outer, jax.tree.structure((0,) * n), per_leaf_tuples)
 
 
 def _is_none(x: Any) -> bool:

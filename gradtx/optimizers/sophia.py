@@ -223,9 +223,13 @@ def scale_by_sophia(
         due = (state.count > 0) & (state.count % update_interval == 0)
         hessian, key = jax.lax.cond(due, refresh, lambda hessian, key: (hessian, key), state.hessian, state.key)
         mu = tree.update_moment(updates, state.mu, b1, 1)
-        updates = jax.tree.map(
-            lambda g, m, h: jnp.clip(m / jnp.maximum(rho * h, eps), -1, 1).astype(g.dtype), updates, mu, hessian
-        )
+
+        def per_leaf(g, m, h):
+            # In float16 the default eps (1e-15) rounds to 0, and a zero gradient gave 0 / 0.
+            ratio = tree.at_least_float32(m) / jnp.maximum(rho * tree.at_least_float32(h), eps)
+            return jnp.clip(ratio, -1, 1).astype(g.dtype)
+
+        updates = jax.tree.map(per_leaf, updates, mu, hessian)
         new_state = ScaleBySophiaState(
             count=tree.safe_increment(state.count), mu=tree.cast_like(mu, state.mu), hessian=hessian, key=key
         )
