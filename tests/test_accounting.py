@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradtx.bench.registry import resolve
+import gradtx
 from gradtx.state.accounting import state_bytes, state_bytes_per_parameter
 
 PARAMS = {"w": jnp.zeros((256, 128)), "b": jnp.zeros((128,), jnp.bfloat16)}
@@ -20,14 +20,14 @@ def test_counts_every_array_leaf_by_its_dtype():
 
 
 def test_shape_dtype_structs_count_like_arrays():
-    adam = resolve("adam")(1e-3)
+    adam = gradtx.adam(1e-3)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
     assert state_bytes(jax.eval_shape(adam.init, shapes)) == state_bytes(adam.init(PARAMS))
 
 
 @pytest.mark.parametrize("name, kwargs, moments", [("sgd", {"momentum": 0.9}, 1), ("adam", {}, 2), ("lion", {}, 1)])
 def test_bytes_per_parameter_of_common_optimizers(name, kwargs, moments):
-    tx = resolve(name)(1e-3, **kwargs)
+    tx = getattr(gradtx, name)(1e-3, **kwargs)
     float32_only = {"w": PARAMS["w"]}
     assert state_bytes_per_parameter(tx.init(float32_only), float32_only) == pytest.approx(4 * moments, abs=1e-3)
     # Moments follow the parameter's dtype: the bfloat16 bias's take 2 bytes per element.

@@ -1,0 +1,1 @@
+"""Integrations with other libraries: Flax NNX training steps (:mod:`gradtx.contrib.flax`)."""
