@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 DEFAULT_OUT = "gradtx-results"
 BENCH_PARAMS = 16 * 2**20

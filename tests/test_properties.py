@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import gradtx
 from problems import tree_loss
 from registry import ALL
+
+import gradtx
 
 EXAMPLES = 15
 PROPERTY = settings(

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import gradtx
 from problems import parabola, tree_loss
 from registry import ALL, BY_NAME
+
+import gradtx
 
 INT32_MAX = int(jnp.iinfo(jnp.int32).max)
 

@@ -10,7 +10,8 @@ optimizer is missing from this installation; the tool then skips it and says why
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Unavailable(LookupError):

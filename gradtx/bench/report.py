@@ -7,8 +7,9 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Any, Sequence
+from typing import Any
 
 
 def _version(package: str) -> str | None:

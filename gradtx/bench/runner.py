@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp

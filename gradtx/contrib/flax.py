@@ -30,7 +30,8 @@ Hooks for optimizers that need more than the gradient:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
@@ -69,7 +70,7 @@ class _Binding(NamedTuple):
     plain: bool  # only plain (not hijax, not array-ref) Variables: their arrays can be stored directly
 
     @classmethod
-    def of(cls, nodes: tuple) -> "_Binding":
+    def of(cls, nodes: tuple) -> _Binding:
         graphdef, state = nnx.split(nodes)
         variables = jax.tree.leaves(state, is_leaf=_is_variable)
         arrays, treedef = jax.tree.flatten(nnx.as_pure(state))
