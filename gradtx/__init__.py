@@ -69,6 +69,18 @@ from gradtx.optimizers.sophia import (
     sophia_h,
 )
 from gradtx.optimizers.yogi import scale_by_yogi, yogi
+
+# The packed layout (performance engine): arrays in one buffer per dtype, per-array semantics kept.
+from gradtx.packed import (
+    Packed,
+    PackedLayout,
+    Stacked,
+    map_arrays,
+    map_shapes,
+    pack,
+    packed_layout,
+    unpack,
+)
 from gradtx.schedules import (
     clamp_schedule,
     constant_schedule,
@@ -135,6 +147,15 @@ from gradtx.wrappers.schedule_free import (
 )
 
 __all__ = [
+    # packed layout
+    "Packed",
+    "PackedLayout",
+    "Stacked",
+    "map_arrays",
+    "map_shapes",
+    "pack",
+    "packed_layout",
+    "unpack",
     "AccumulateGradientsState",
     "AddDecayedWeightsState",
     "ApplyIfFiniteState",

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from gradtx import _checks, tree
+from gradtx import _checks, packed, tree
 from gradtx.base import GradientTransformation
 
 
@@ -107,7 +107,9 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
     """
     for index, item in enumerate(transforms):
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise TypeError(f"named_chain: transforms[{index}] must be a (name, transformation) pair with a str name, got {item!r}")
+            raise TypeError(
+                f"named_chain: transforms[{index}] must be a (name, transformation) pair with a str name, got {item!r}"
+            )
     names = [name for name, _ in transforms]
     if len(set(names)) != len(names):
         raise ValueError(f"named_chain: names must be unique, got {names}")
@@ -173,17 +175,44 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
     inner_update = _forwarding_update(inner)
 
     def init(params):
+        if packed.is_packed(params):
+            return MaskedState(inner_state=inner.init(packed.select(params, _packed_flags(mask, params))))
         mask_tree = _mask_tree(mask, params)
         return MaskedState(inner_state=inner.init(_keep_selected(mask_tree, params)))
 
     def update(updates, state, params=None, **extra_args):
+        if packed.is_packed(updates):
+            return _packed_update(inner_update, mask, updates, state, params, **extra_args)
         mask_tree = _mask_tree(mask, updates)
         selected_params = None if params is None else _keep_selected(mask_tree, params)
-        new_selected, inner_state = inner_update(_keep_selected(mask_tree, updates), state.inner_state, selected_params, **extra_args)
+        new_selected, inner_state = inner_update(
+            _keep_selected(mask_tree, updates), state.inner_state, selected_params, **extra_args
+        )
         updates = jax.tree.map(lambda keep, new, old: new if keep else old, mask_tree, new_selected, updates)
         return updates, MaskedState(inner_state=inner_state)
 
     return GradientTransformation(init, update)
+
+
+def _packed_flags(mask, packed_tree) -> tuple:
+    # The mask (or the labels) speak of the original tree: a callable sees its shapes.
+    layout = packed_tree.layout
+    mask_tree = mask(layout.shapes()) if callable(mask) else mask
+    try:
+        return packed.selection_flags(layout, mask_tree)
+    except ValueError as error:
+        raise ValueError(
+            f"masked: mask must have the tree structure of the packed parameters (or a prefix of it); {error}"
+        ) from error
+
+
+def _packed_update(inner_update, mask, updates, state, params, **extra_args):
+    # The selected arrays are packed on their own (contiguous spans: usually a few slices), so
+    # the inner transformation keeps per-array semantics and state only for them.
+    keep = _packed_flags(mask, updates)
+    selected_params = None if params is None else packed.select(params, keep)
+    new_selected, inner_state = inner_update(packed.select(updates, keep), state.inner_state, selected_params, **extra_args)
+    return packed.merge(updates, new_selected, keep), MaskedState(inner_state=inner_state)
 
 
 class PartitionState(NamedTuple):
@@ -219,10 +248,14 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
         _check_transformation("partition", f"transforms[{label!r}]", tx)
 
     def labels_of(tree):
+        if packed.is_packed(tree):
+            tree = tree.layout.shapes()  # labels name the arrays of the original tree
         labels = param_labels(tree) if callable(param_labels) else param_labels
         unknown = set(jax.tree.leaves(labels)) - set(transforms)
         if unknown:
-            raise ValueError(f"partition: param_labels uses labels {sorted(map(str, unknown))} missing from transforms (known: {sorted(map(str, transforms))})")
+            raise ValueError(
+                f"partition: param_labels uses labels {sorted(map(str, unknown))} missing from transforms (known: {sorted(map(str, transforms))})"
+            )
         return labels
 
     def masked_for(label, labels):
@@ -236,7 +269,9 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
         labels = labels_of(updates)
         new_states = {}
         for label in transforms:
-            updates, new_states[label] = masked_for(label, labels).update(updates, state.inner_states[label], params, **extra_args)
+            updates, new_states[label] = masked_for(label, labels).update(
+                updates, state.inner_states[label], params, **extra_args
+            )
         return updates, PartitionState(new_states)
 
     return GradientTransformation(init, update)

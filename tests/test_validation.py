@@ -37,6 +37,12 @@ NOT_FACTORIES = {
     "set_to_zero": "takes no arguments",
     "centralize": "takes no arguments",
     "scale_by_sign": "takes no arguments",
+    # Packed layout (performance engine): functions of trees, not factories.
+    "pack": "packs a tree of arrays (structure errors: test_packed.py)",
+    "unpack": "unpacks a Packed node (type errors: test_packed.py)",
+    "packed_layout": "describes a tree of arrays",
+    "map_arrays": "lifts a per-array function over trees (layout errors: test_packed.py)",
+    "map_shapes": "lifts a per-array shape function over trees",
 }
 
 _schedule = gradtx.constant_schedule(0.1)

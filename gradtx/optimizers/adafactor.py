@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradtx import _checks, tree
-from gradtx.base import GradientTransformation, ScalarOrSchedule, elementwise, identity
+from gradtx import _checks, packed, tree
+from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
 from gradtx.transforms.clipping import clip_by_block_rms
 from gradtx.transforms.decay import add_decayed_weights
@@ -124,7 +124,8 @@ def factored_second_moment(
         return tuple(jax.ShapeDtypeStruct(shape, p.dtype) for shape in (row_shape, col_shape, full_shape))
 
     def init(params):
-        v_row, v_col, v = tree.unzip(jax.tree.map(state_shapes, params), params, 3)
+        # Packed params: one stacked (count, ...) state array per run of equal shapes.
+        v_row, v_col, v = packed.map_shapes(state_shapes, params, n_out=3)
         v_row, v_col, v = tree.zeros_like(v_row), tree.zeros_like(v_col), tree.zeros_like(v)
         return FactoredState(count=tree.zero_count(), v_row=v_row, v_col=v_col, v=v)
 
@@ -149,7 +150,10 @@ def factored_second_moment(
             u = g_wide * jnp.expand_dims(row_factor, largest) * jnp.expand_dims(col_factor, second)
             return u.astype(g.dtype), row.astype(row_prev.dtype), col.astype(col_prev.dtype), v_prev
 
-        updates, v_row, v_col, v = tree.unzip(jax.tree.map(per_leaf, updates, state.v_row, state.v_col, state.v), updates, 4)
+        kinds = ("packed", "stacked", "stacked", "stacked")
+        updates, v_row, v_col, v = packed.map_arrays(
+            per_leaf, updates, state.v_row, state.v_col, state.v, n_out=4, kinds=kinds, owner="factored_second_moment"
+        )
         return updates, FactoredState(count=tree.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v)
 
     return GradientTransformation(init, update)
@@ -174,7 +178,7 @@ def _scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation
         safe_rms = jnp.sqrt(jnp.mean(tree.abs_sq(jnp.where(too_small, jnp.ones_like(p_wide), p_wide))))
         return (u * jnp.where(too_small, min_scale, safe_rms)).astype(u.dtype)
 
-    return elementwise("adafactor", per_leaf, needs_params=True)
+    return packed.per_array("adafactor", per_leaf, needs_params=True)
 
 
 def adafactor(

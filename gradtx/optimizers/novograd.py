@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradtx import _checks, tree
+from gradtx import _checks, packed, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
 from gradtx.transforms.scaling import scale_by_learning_rate
@@ -30,7 +30,7 @@ def _check_novograd(owner: str, b1, b2, eps, eps_root, weight_decay) -> None:
 
 
 def _per_layer_scalars(params: Any) -> Any:
-    return tree.zeros_like(jax.tree.map(lambda p: jax.ShapeDtypeStruct((), p.dtype), params))
+    return tree.zeros_like(packed.map_shapes(lambda p: jax.ShapeDtypeStruct((), p.dtype), params))
 
 
 def scale_by_novograd(
@@ -101,7 +101,9 @@ def scale_by_novograd(
             m = jnp.where(first_step, d, b1 * tree.at_least_float32(m_prev) + d)
             return m.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
 
-        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu, params), updates, 3)
+        # The layer norm stays per array on packed updates: nu is then Stacked, one array per run.
+        kinds = ("packed", "packed", "stacked")
+        updates, mu, nu = packed.map_arrays(per_leaf, updates, state.mu, state.nu, params, n_out=3, kinds=kinds, owner=owner)
         return updates, ScaleByNovogradState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

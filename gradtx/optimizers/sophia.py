@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradtx import _checks, tree
+from gradtx import _checks, packed, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
 from gradtx.transforms.decay import add_decayed_weights
@@ -115,10 +115,9 @@ def hutchinson_hessian_estimate(
     del extra_args
     if obj_fn is None:
         raise ValueError("hutchinson_hessian_estimate: needs obj_fn=, the loss params -> scalar on the current batch, got None")
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    probes = treedef.unflatten(
-        [jax.random.rademacher(k, jnp.shape(p), jnp.float32).astype(p.dtype) for k, p in zip(keys, leaves)]
+    # One key per array of the original tree, also when params are packed (gradtx.pack).
+    probes = packed.per_array_random(
+        lambda k, p: jax.random.rademacher(k, jnp.shape(p), jnp.float32).astype(p.dtype), key, params
     )
     hessian_probe = jax.jvp(jax.grad(obj_fn), (params,), (probes,))[1]
     return jax.tree.map(lambda u, hu: u * hu, probes, hessian_probe)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradtx import _checks, tree
+from gradtx import _checks, packed, tree
 from gradtx.base import EmptyState, GradientTransformation, elementwise
 
 
@@ -123,4 +123,4 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
         rms = jnp.sqrt(jnp.mean(tree.abs_sq(g)))
         return (g / jnp.maximum(1.0, rms / threshold)).astype(g.dtype)
 
-    return elementwise("clip_by_block_rms", per_leaf)
+    return packed.per_array("clip_by_block_rms", per_leaf)

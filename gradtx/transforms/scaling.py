@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradtx import _checks, tree
+from gradtx import _checks, packed, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, elementwise
 
 
@@ -139,7 +139,8 @@ def scale_by_trust_ratio(min_norm: float = 0.0, trust_coefficient: float = 1.0, 
         trust_ratio = jnp.where((param_norm == 0.0) | (update_norm == 0.0), 1.0, trust_ratio)
         return (u * trust_ratio).astype(u.dtype)
 
-    return elementwise(owner, per_leaf, needs_params=True)
+    # One ratio per array also when the updates are packed: map_arrays vmaps over equal shapes.
+    return packed.per_array(owner, per_leaf, needs_params=True)
 
 
 def _norm_at_least(x: jax.Array, min_norm) -> jax.Array:
@@ -213,4 +214,4 @@ def centralize() -> GradientTransformation:
         fan_in_axes = tuple(range(g.ndim - 1))
         return g - jnp.mean(g, axis=fan_in_axes, keepdims=True)
 
-    return elementwise("centralize", per_leaf)
+    return packed.per_array("centralize", per_leaf)

@@ -1,0 +1,513 @@
+"""The packed layout: every parameter array of a pytree in one contiguous 1-D buffer per dtype.
+
+An optimizer update is memory-bound, but with thousands of parameter arrays it pays a fixed
+cost per array (one kernel, one loop, one compile-time fusion decision each) that dominates
+the time and makes compilation grow super-linearly (``PERF.md``). :func:`pack` removes that
+cost: a :class:`Packed` tree has one leaf per dtype, so every elementwise gradtx
+transformation, mapped with ``jax.tree.map``, sees a few large leaves and compiles to a few
+fused kernels, whatever the number of arrays.
+
+Per-array semantics stay exact. :class:`PackedLayout` (static, hashable: the tree structure
+and, for each array, its path, shape, dtype, buffer and offset) orders each buffer by
+``(size, shape)``, so arrays of one shape lie side by side in *runs*. A building block that
+reduces per array (trust ratios, NovoGrad's layer norm, block RMS, centralization, factored
+second moments) lifts its per-array function with :func:`map_arrays`, which ``vmap``\\ s it over
+each run seen as a ``(count, *shape)`` array: one kernel per distinct shape instead of one per
+array, and the same per-array numbers. Per-array state that is not shaped like its parameter
+(a scalar norm, a row of factored moments) is kept per run in a :class:`Stacked` node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSlot:
+    """Where one array of the original tree lives: its buffer, offset and size (all static)."""
+
+    path: str
+    shape: tuple
+    dtype: str
+    buffer: int
+    offset: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Consecutive arrays of one shape in one buffer: ``buffer[offset : offset + count * size]`` is ``(count, *shape)``."""
+
+    buffer: int
+    offset: int
+    count: int
+    shape: tuple
+    leaf_indices: tuple  # indices into PackedLayout.slots, in buffer order
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedLayout:
+    """The static description of a packed tree (hashable: it is the aux data of :class:`Packed`).
+
+    ``slots`` follow the original tree's leaf order; ``runs`` follow buffer order. Equality is
+    structural; identical layouts compare by identity first, so that tree-structure checks of
+    models with thousands of arrays stay cheap.
+    """
+
+    treedef: Any
+    slots: tuple
+    buffer_dtypes: tuple
+    buffer_sizes: tuple
+    runs: tuple
+
+    def _key(self) -> tuple:
+        return (self.treedef, self.slots, self.buffer_dtypes)
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, PackedLayout) and self._key() == other._key())
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(self._key())
+
+    @property
+    def num_arrays(self) -> int:
+        return len(self.slots)
+
+    def shapes(self) -> Any:
+        """The original tree with a ``jax.ShapeDtypeStruct`` per array (what a ``mask`` callable sees)."""
+        return jax.tree.unflatten(self.treedef, [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in self.slots])
+
+
+def _sort_key(index: int, leaf) -> tuple:
+    shape = tuple(int(d) for d in np.shape(leaf))
+    return (jnp.dtype(leaf.dtype).name, int(np.prod(shape, dtype=np.int64)), shape, index)
+
+
+def packed_layout(tree: Any) -> PackedLayout:
+    """The :class:`PackedLayout` of ``tree`` (arrays or ``jax.ShapeDtypeStruct`` leaves; ``None`` leaves are empty).
+
+    Args:
+        tree: a pytree of arrays of any dtypes and shapes (zero-size and 0-d arrays included).
+
+    Returns:
+        The static layout: one buffer per dtype (in order of dtype name), each ordered by
+        ``(size, shape, position in the tree)``.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> layout = gradtx.packed_layout({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
+        >>> layout.buffer_sizes
+        (9,)
+
+    References:
+        Rasley et al., 2020. DeepSpeed: System Optimizations Enable Training Deep Learning Models with
+        Over 100 Billion Parameters (flattened parameter buffers), https://doi.org/10.1145/3394486.3406703
+    """
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    order = sorted(range(len(with_paths)), key=lambda i: _sort_key(i, with_paths[i][1]))
+    dtypes = tuple(sorted({jnp.dtype(leaf.dtype).name for _, leaf in with_paths}))
+    slots: list = [None] * len(with_paths)
+    sizes = [0] * len(dtypes)
+    runs: list = []
+    for index in order:
+        path, leaf = with_paths[index]
+        dtype, size, shape, _ = _sort_key(index, leaf)
+        buffer = dtypes.index(dtype)
+        slots[index] = LeafSlot(jax.tree_util.keystr(path), shape, dtype, buffer, sizes[buffer], size)
+        last = runs[-1] if runs else None
+        if last is not None and last.buffer == buffer and last.shape == shape:
+            runs[-1] = dataclasses.replace(last, count=last.count + 1, leaf_indices=(*last.leaf_indices, index))
+        else:
+            runs.append(Run(buffer, sizes[buffer], 1, shape, (index,)))
+        sizes[buffer] += size
+    return PackedLayout(treedef, tuple(slots), dtypes, tuple(sizes), tuple(runs))
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Packed:
+    """A pytree node holding one 1-D buffer per dtype (its children) and the static :class:`PackedLayout` (its aux data).
+
+    ``jax.tree.map`` over a ``Packed`` maps over its few buffers, so elementwise transformations
+    fuse into a few kernels. Build one with :func:`pack`, read the arrays back with :func:`unpack`.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> packed = gradtx.pack({"w": jnp.ones((2, 2)), "b": jnp.zeros(2)})
+        >>> [buffer.shape for buffer in packed.buffers]
+        [(6,)]
+
+    References:
+        Rasley et al., 2020. DeepSpeed: System Optimizations Enable Training Deep Learning Models with
+        Over 100 Billion Parameters (flattened parameter buffers), https://doi.org/10.1145/3394486.3406703
+    """
+
+    def __init__(self, buffers: Sequence[Any], layout: PackedLayout):
+        self.buffers = tuple(buffers)
+        self.layout = layout
+
+    def tree_flatten_with_keys(self):
+        keys = [jax.tree_util.GetAttrKey(f"buffer_{name}") for name in self.layout.buffer_dtypes]
+        return list(zip(keys, self.buffers)), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout, buffers):
+        return cls(buffers, layout)
+
+    def __repr__(self) -> str:
+        return (
+            f"Packed({self.layout.num_arrays} arrays in buffers {dict(zip(self.layout.buffer_dtypes, self.layout.buffer_sizes))})"
+        )
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Stacked:
+    """Per-array values that are not shaped like their array (a norm, a factored moment), one stacked array per run.
+
+    ``arrays[r]`` has shape ``(run.count, *value_shape)`` for run ``r`` of the layout: the same
+    bytes as one value per array, in as many arrays as the layout has distinct shapes.
+
+    References:
+        Rasley et al., 2020. DeepSpeed: System Optimizations Enable Training Deep Learning Models with
+        Over 100 Billion Parameters (flattened parameter buffers), https://doi.org/10.1145/3394486.3406703
+    """
+
+    def __init__(self, arrays: Sequence[Any], layout: PackedLayout):
+        self.arrays = tuple(arrays)
+        self.layout = layout
+
+    def tree_flatten_with_keys(self):
+        return [(jax.tree_util.SequenceKey(i), a) for i, a in enumerate(self.arrays)], self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout, arrays):
+        return cls(arrays, layout)
+
+    def __repr__(self) -> str:
+        return f"Stacked({len(self.arrays)} runs of {self.layout.num_arrays} arrays)"
+
+
+def is_packed(x: Any) -> bool:
+    """Whether ``x`` is a :class:`Packed` node."""
+    return isinstance(x, Packed)
+
+
+def contains_packed(tree: Any) -> bool:
+    """Whether any node of ``tree`` is :class:`Packed` (runs on the structure only: free under ``jit``)."""
+    return any(is_packed(x) for x in jax.tree.leaves(tree, is_leaf=is_packed))
+
+
+def pack(tree: Any, layout: PackedLayout | None = None) -> Packed:
+    """Pack the arrays of ``tree`` into one 1-D buffer per dtype: ``buffer = concatenate([ravel(x) for x in run order])``.
+
+    Args:
+        tree: a pytree of arrays (``None`` leaves are empty and stay ``None`` after :func:`unpack`).
+        layout: a layout from :func:`packed_layout` to reuse (it must describe ``tree``);
+            ``None`` computes it.
+
+    Returns:
+        A :class:`Packed` node. Packing copies every array once: keep trees packed across steps
+        (the Flax helper's ``packed=True`` does) rather than packing at every step.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> packed = gradtx.pack({"w": jnp.ones((2, 2)), "b": jnp.zeros(2)})
+        >>> gradtx.unpack(packed)["w"].shape
+        (2, 2)
+
+    References:
+        Rasley et al., 2020. DeepSpeed: System Optimizations Enable Training Deep Learning Models with
+        Over 100 Billion Parameters (flattened parameter buffers), https://doi.org/10.1145/3394486.3406703
+    """
+    if layout is None:
+        layout = packed_layout(tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    if treedef != layout.treedef:
+        raise ValueError(f"pack: tree structure {treedef} differs from the layout's {layout.treedef}")
+    buffers = []
+    for buffer, dtype in enumerate(layout.buffer_dtypes):
+        pieces = [jnp.ravel(leaves[i]) for run in layout.runs if run.buffer == buffer for i in run.leaf_indices]
+        buffers.append(jnp.concatenate(pieces) if pieces else jnp.zeros([0], dtype))
+    return Packed(buffers, layout)
+
+
+def unpack(packed: Packed) -> Any:
+    """The original tree of a :class:`Packed` node: each array a static slice of its buffer, reshaped.
+
+    Args:
+        packed: a :class:`Packed` node (its buffers may have another dtype than the packed
+            arrays, e.g. a bfloat16 moment; the arrays keep the buffers' dtype).
+
+    Returns:
+        The tree with the structure, shapes and order of the tree that was packed.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> gradtx.unpack(gradtx.pack([jnp.arange(3.0), jnp.ones((1, 2))]))[0]
+        Array([0., 1., 2.], dtype=float32)
+
+    References:
+        Rasley et al., 2020. DeepSpeed: System Optimizations Enable Training Deep Learning Models with
+        Over 100 Billion Parameters (flattened parameter buffers), https://doi.org/10.1145/3394486.3406703
+    """
+    if not is_packed(packed):
+        raise TypeError(f"unpack: expected a Packed node (from gradtx.pack), got {type(packed).__name__}")
+    layout = packed.layout
+    leaves = [jax.lax.slice_in_dim(packed.buffers[s.buffer], s.offset, s.offset + s.size).reshape(s.shape) for s in layout.slots]
+    return jax.tree.unflatten(layout.treedef, leaves)
+
+
+# Lifting per-array functions onto packed buffers.
+
+
+def _run_view(x: Any, layout: PackedLayout, run_index: int) -> Any:
+    run = layout.runs[run_index]
+    if is_packed(x):
+        if x.layout != layout:
+            raise ValueError("map_arrays: Packed arguments have different layouts (were they packed from different trees?)")
+        flat = jax.lax.slice_in_dim(x.buffers[run.buffer], run.offset, run.offset + run.count * run.size)
+        return flat.reshape((run.count, *run.shape))
+    if isinstance(x, Stacked):
+        return x.arrays[run_index]
+    raise TypeError(f"map_arrays: a Packed argument must be matched by Packed or Stacked arguments, got {type(x).__name__}")
+
+
+def _assemble(outputs: list, kind: str, layout: PackedLayout, owner: str) -> Any:
+    if kind == "stacked":
+        return Stacked(outputs, layout)
+    buffers = []
+    for buffer in range(len(layout.buffer_dtypes)):
+        pieces = []
+        for run, out in zip(layout.runs, outputs):
+            if run.buffer != buffer:
+                continue
+            if tuple(out.shape) != (run.count, *run.shape):
+                raise ValueError(f"{owner}: a per-array output of shape {out.shape[1:]} is not shaped like its array {run.shape}")
+            pieces.append(out.reshape(-1))
+        buffers.append(jnp.concatenate(pieces) if len(pieces) != 1 else pieces[0])
+    return Packed(buffers, layout)
+
+
+def _map_packed(fn: Callable, n_out: int | None, kinds: tuple, owner: str, first: Packed, *rest) -> Any:
+    layout = first.layout
+    per_run = [jax.vmap(fn)(*(_run_view(x, layout, r) for x in (first, *rest))) for r in range(len(layout.runs))]
+    if n_out is None:
+        return _assemble(per_run, kinds[0], layout, owner)
+    return tuple(_assemble([out[j] for out in per_run], kinds[j], layout, owner) for j in range(n_out))
+
+
+def map_arrays(
+    fn: Callable, *trees: Any, n_out: int | None = None, kinds: Sequence[str] | None = None, owner: str = "map_arrays"
+):
+    """Apply a per-array function ``fn`` to every array of ``trees``, packed or not, with per-array semantics.
+
+    On ordinary trees this is ``jax.tree.map(fn, *trees)`` (unzipped into ``n_out`` trees when
+    ``fn`` returns an ``n_out``-tuple). Where the first tree is :class:`Packed`, ``fn`` is
+    ``vmap``-ed over each run of equal-shape arrays (a static ``(count, *shape)`` view of the
+    buffer) and the outputs are reassembled: as a :class:`Packed` buffer (kind ``"packed"``,
+    the output must be shaped like its array) or one stacked array per run (kind ``"stacked"``).
+    The other trees, at that position, are :class:`Packed` with the same layout or :class:`Stacked`.
+
+    Args:
+        fn: the per-array function, written for one array as if nothing were packed.
+        *trees: the trees to map over (the first decides where the arrays are).
+        n_out: ``None`` if ``fn`` returns one array, else the length of the tuple it returns.
+        kinds: per output, ``"packed"`` or ``"stacked"`` (default: all ``"packed"``).
+        owner: the public function named in errors.
+
+    Returns:
+        One tree, or a tuple of ``n_out`` trees.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> packed = gradtx.pack([jnp.ones(2), 2 * jnp.ones(2)])
+        >>> norms = gradtx.map_arrays(jnp.linalg.norm, packed, kinds=("stacked",))
+        >>> norms.arrays[0].round(3)
+        Array([1.414, 2.828], dtype=float32)
+
+    References:
+        Bradbury et al., 2018. JAX: composable transformations of Python+NumPy programs (vmap), https://github.com/jax-ml/jax
+    """
+    kinds = tuple(kinds) if kinds is not None else ("packed",) * (n_out or 1)
+    if len(kinds) != (n_out or 1) or any(k not in ("packed", "stacked") for k in kinds):
+        raise ValueError(f"{owner}: kinds must hold one of 'packed', 'stacked' per output, got {kinds!r}")
+    if not contains_packed(trees[0]):
+        mapped = jax.tree.map(fn, *trees)
+        if n_out is None:
+            return mapped
+        from gradtx.tree import unzip
+
+        return unzip(mapped, trees[0], n_out)
+
+    def at_leaf(x, *rest):
+        if is_packed(x):
+            return _map_packed(fn, n_out, kinds, owner, x, *rest)
+        return fn(x, *rest)
+
+    mapped = jax.tree.map(at_leaf, *trees, is_leaf=is_packed)
+    if n_out is None:
+        return mapped
+    outer = jax.tree.structure(trees[0], is_leaf=is_packed)
+    leaves = outer.flatten_up_to(mapped)
+    return tuple(outer.unflatten([leaf[j] for leaf in leaves]) for j in range(n_out))
+
+
+def map_shapes(fn: Callable, tree: Any, n_out: int | None = None) -> Any:
+    """Per-array state shapes: ``fn(leaf) -> jax.ShapeDtypeStruct`` (or an ``n_out``-tuple of them) for every array.
+
+    On ordinary trees this is ``jax.tree.map(fn, tree)`` (unzipped). For a :class:`Packed`
+    tree ``fn`` is called once per run on a ``jax.ShapeDtypeStruct`` of the run's arrays and
+    its shapes are stacked into :class:`Stacked` shapes ``(count, *shape)``; feed the result
+    to ``gradtx.tree.zeros_like``.
+
+    Args:
+        fn: ``leaf -> jax.ShapeDtypeStruct`` (or tuple), reading only ``leaf.shape`` and ``leaf.dtype``.
+        tree: the parameters (packed or not).
+        n_out: ``None`` if ``fn`` returns one struct, else the length of the tuple it returns.
+
+    Returns:
+        A tree (or ``n_out`` trees) of ``jax.ShapeDtypeStruct``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, gradtx
+        >>> scalar = lambda p: jax.ShapeDtypeStruct((), p.dtype)
+        >>> gradtx.map_shapes(scalar, gradtx.pack([jnp.ones(2), jnp.ones(2)])).arrays[0].shape
+        (2,)
+
+    References:
+        Bradbury et al., 2018. JAX: composable transformations of Python+NumPy programs (vmap), https://github.com/jax-ml/jax
+    """
+
+    def stack(x: Packed):
+        outputs = []
+        for run in x.layout.runs:
+            out = fn(jax.ShapeDtypeStruct(run.shape, x.buffers[run.buffer].dtype))
+            structs = out if n_out is not None else (out,)
+            outputs.append(tuple(jax.ShapeDtypeStruct((run.count, *s.shape), s.dtype) for s in structs))
+        stacked = tuple(Stacked([o[j] for o in outputs], x.layout) for j in range(n_out or 1))
+        return stacked if n_out is not None else stacked[0]
+
+    mapped = jax.tree.map(lambda x: stack(x) if is_packed(x) else fn(x), tree, is_leaf=is_packed)
+    if n_out is None:
+        return mapped
+    outer = jax.tree.structure(tree, is_leaf=is_packed)
+    leaves = outer.flatten_up_to(mapped)
+    return tuple(outer.unflatten([leaf[j] for leaf in leaves]) for j in range(n_out))
+
+
+def per_array(owner: str, per_leaf: Callable[..., jax.Array], *, needs_params: bool = False):
+    """Lift a per-array function that reduces over its array (a norm, a mean) to a stateless transformation.
+
+    Internal: like ``gradtx.base.elementwise``, but through :func:`map_arrays`, so that on
+    :class:`Packed` updates each array keeps its own reduction (one kernel per distinct shape).
+    """
+    from gradtx.base import EmptyState, GradientTransformation
+
+    def init(params):
+        del params
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        if not needs_params:
+            return map_arrays(per_leaf, updates, owner=owner), state
+        if params is None:
+            raise ValueError(f"{owner}: update needs params, got params=None")
+        return map_arrays(per_leaf, updates, params, owner=owner), state
+
+    return GradientTransformation(init, update)
+
+
+# Subsets of a packed tree (masked / partition): the selected arrays as a packed tree of their own.
+
+
+def _spans(layout: PackedLayout, buffer: int, keep: Sequence[bool]) -> list:
+    """``(selected, start, stop)`` spans of consecutive arrays of ``buffer`` that are all selected or all not."""
+    spans: list = []
+    for run in layout.runs:
+        if run.buffer != buffer:
+            continue
+        for index in run.leaf_indices:
+            slot = layout.slots[index]
+            if spans and spans[-1][0] == keep[index]:
+                spans[-1][2] = slot.offset + slot.size
+            else:
+                spans.append([keep[index], slot.offset, slot.offset + slot.size])
+    return spans
+
+
+def selection_flags(layout: PackedLayout, mask_tree: Any) -> tuple:
+    """One boolean per array of ``layout`` from a mask with the original tree's structure (or a prefix of it)."""
+    shapes = layout.shapes()
+    full = jax.tree.map(lambda keep, sub: jax.tree.map(lambda _: bool(keep), sub), mask_tree, shapes)
+    return tuple(layout.treedef.flatten_up_to(full))
+
+
+@functools.lru_cache(maxsize=256)
+def sub_layout(layout: PackedLayout, keep: tuple) -> PackedLayout:
+    """The layout of the selected arrays alone (unselected ones become empty ``MaskedNode`` leaves)."""
+    from gradtx.combine import MaskedNode
+
+    shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype) if k else MaskedNode() for s, k in zip(layout.slots, keep)]
+    return packed_layout(jax.tree.unflatten(layout.treedef, shapes))
+
+
+def select(x: Packed, keep: tuple) -> Packed:
+    """The selected arrays of ``x`` packed on their own (a copy of contiguous spans; no copy if all are selected)."""
+    if all(keep):
+        return x
+    layout = sub_layout(x.layout, keep)
+    buffers = []
+    for dtype in layout.buffer_dtypes:
+        parent = x.layout.buffer_dtypes.index(dtype)
+        pieces = [jax.lax.slice_in_dim(x.buffers[parent], a, b) for k, a, b in _spans(x.layout, parent, keep) if k]
+        buffers.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces))
+    return Packed(buffers, layout)
+
+
+def merge(x: Packed, selected: Packed, keep: tuple) -> Packed:
+    """``x`` with its selected arrays replaced by those of ``selected`` (from :func:`select`'s layout)."""
+    if all(keep):
+        return selected
+    buffers = []
+    for parent, dtype in enumerate(x.layout.buffer_dtypes):
+        if dtype not in selected.layout.buffer_dtypes:
+            buffers.append(x.buffers[parent])
+            continue
+        source = selected.buffers[selected.layout.buffer_dtypes.index(dtype)]
+        pieces, position = [], 0
+        for k, a, b in _spans(x.layout, parent, keep):
+            if k:
+                pieces.append(jax.lax.slice_in_dim(source, position, position + b - a).astype(x.buffers[parent].dtype))
+                position += b - a
+            else:
+                pieces.append(jax.lax.slice_in_dim(x.buffers[parent], a, b))
+        buffers.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces))
+    return Packed(buffers, x.layout)
+
+
+def per_array_random(fn: Callable, key: jax.Array, tree: Any) -> Any:
+    """``fn(key_i, leaf_i)`` with one key per array of the original tree, packed back if ``tree`` is :class:`Packed`.
+
+    Random probes (Hutchinson's estimator) then draw the same numbers packed or not: the keys
+    are split per array of the original tree, not per buffer.
+    """
+    original = tree.layout.shapes() if is_packed(tree) else tree
+    leaves, treedef = jax.tree.flatten(original)
+    keys = jax.random.split(key, len(leaves))
+    drawn = treedef.unflatten([fn(k, leaf) for k, leaf in zip(keys, leaves)])
+    return pack(drawn, tree.layout) if is_packed(tree) else drawn
