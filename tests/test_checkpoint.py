@@ -195,6 +195,47 @@ def test_restoring_into_other_parameters_names_the_path_and_both_shapes_or_dtype
     assert "checkpoint[0]['scale'] (float32[2,2]) has no counterpart in the target" in message
 
 
+def test_restoring_into_another_packed_layout_names_the_packed_node(tmp_path):
+    # Same buffer (float32[10]), other arrays in it: only the static layout tells them apart.
+    saved = gradtx.pack({"a": jnp.ones((2, 3)), "b": jnp.zeros(4)})
+    target = gradtx.pack({"a": jnp.ones(4), "b": jnp.zeros((2, 3))})
+    assert [b.shape for b in saved.buffers] == [b.shape for b in target.buffers]
+    message = _error(tmp_path, {"params": saved}, {"params": target})
+    assert "at ['params']: the static (non-array) data of the Packed node differ" in message
+
+
+def test_packed_params_and_state_resume_bit_for_bit(tmp_path):
+    tx = gradtx.lamb(0.05)  # per-array trust ratios over the packed runs
+    step = _step_fn(tx)
+    packed_params = gradtx.pack(initial_params())
+    params, state = packed_params, tx.init(packed_params)
+    one = jnp.float32(1.0)
+    for _ in range(2):
+        params, state = step(params, state, one)
+    checkpoint.save(tmp_path, 2, (params, state))
+    expected = step(params, state, one)
+    restored = checkpoint.restore(tmp_path, (packed_params, tx.init(packed_params)))
+    assert restored[0].layout == packed_params.layout
+    _assert_identical(step(*restored, one), expected, "packed: resumed")
+
+
+def test_flax_nnx_optimizer_state_round_trip(tmp_path):
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gradtx.adam(0.1), wrt=nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, grads)
+    checkpoint.save(tmp_path, 1, nnx.state((model, optimizer)))
+    saved = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state((model, optimizer))))
+
+    fresh_model = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+    fresh_optimizer = nnx.Optimizer(fresh_model, gradtx.adam(0.1), wrt=nnx.Param)
+    nnx.update((fresh_model, fresh_optimizer), checkpoint.restore(tmp_path, nnx.state((fresh_model, fresh_optimizer))))
+    restored = nnx.to_pure_dict(nnx.state((fresh_model, fresh_optimizer)))
+    jax.tree.map(np.testing.assert_array_equal, restored, saved)
+    assert int(fresh_optimizer.opt_state[0].count[...]) == 1
+
+
 def test_latest_step_step_selection_and_bad_arguments(tmp_path):
     assert checkpoint.latest_step(tmp_path / "missing") is None
     assert checkpoint.latest_step(tmp_path) is None

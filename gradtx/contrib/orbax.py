@@ -11,7 +11,8 @@ What it guarantees:
 * **Bit-exact resume.** Array bytes are stored as they are (TensorStore), so training resumed
   from step k reproduces the uninterrupted run bit for bit.
 * **Checked restore.** Every checkpoint records its tree's layout: each node's path and type
-  (``ScaleByAdamState``, ``EmptyState``, ``dict`` ...) and each array's dtype and shape.
+  (``ScaleByAdamState``, ``EmptyState``, ``dict`` ...), each array's dtype and shape, and the
+  static data of custom pytree nodes (a packed layout, a quantized array's code and block size).
   Restoring into a target whose layout differs (another optimizer, other parameters, another
   shape or dtype) raises a ``ValueError`` naming the first differing path, before any array is
   read; Orbax alone would silently hand back arrays of the saved shape.
@@ -32,6 +33,7 @@ arguments, as Orbax requires.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from typing import Any
@@ -75,16 +77,39 @@ def _describe_leaf(x: Any) -> str:
     return f"{_dtype(x).name}[{','.join(map(str, np.shape(x)))}]"
 
 
-def _layout(owner: str, tree: Any) -> list[tuple[str, str]]:
-    """Every node of ``tree`` in traversal order: ``(path, description)``, containers by type name, arrays by dtype and shape."""
-    entries: list[tuple[str, str]] = []
+_BUILTIN_CONTAINERS = (dict, list, tuple)  # their static data are their keys, already in the paths
+
+
+def _static_data(node: Any, treedef) -> str:
+    """A fingerprint of a custom node's static (aux) data, e.g. a packed layout or a quantized array's code; "" if none.
+
+    Short reprs are kept as they are (readable in errors), long ones (a packed layout lists
+    every array) as a digest. Reprs that show memory addresses change from run to run and are
+    not recorded.
+    """
+    aux = treedef.node_data()[1]
+    if aux is None or isinstance(node, _BUILTIN_CONTAINERS):
+        return ""
+    text = repr(aux)
+    if " at 0x" in text:
+        return ""
+    return text if len(text) <= 120 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _layout(owner: str, tree: Any) -> list[tuple[str, str, str]]:
+    """Every node of ``tree`` in traversal order: ``(path, description, static data)``.
+
+    Containers are described by their type name, arrays by dtype and shape; custom pytree
+    nodes also by their static data (see :func:`_static_data`).
+    """
+    entries: list[tuple[str, str, str]] = []
 
     def visit(path: str, node: Any) -> None:
         if node is None:
-            entries.append((path, "None"))
+            entries.append((path, "None", ""))
             return
         if _is_array_leaf(node):
-            entries.append((path, _describe_leaf(node)))
+            entries.append((path, _describe_leaf(node), ""))
             return
         children, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda child: child is not node)
         if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # not a pytree container (empty ones have no leaves)
@@ -92,7 +117,7 @@ def _layout(owner: str, tree: Any) -> list[tuple[str, str]]:
                 f"{owner}: tree{path or ' (the root)'} is a {type(node).__name__}, which cannot be checkpointed; "
                 f"expected arrays, Python scalars, None or pytree containers"
             )
-        entries.append((path, type(node).__name__))
+        entries.append((path, type(node).__name__, _static_data(node, treedef)))
         for key_path, child in children:
             visit(path + jax.tree_util.keystr(key_path), child)
 
@@ -101,15 +126,23 @@ def _layout(owner: str, tree: Any) -> list[tuple[str, str]]:
 
 
 def _first_mismatch(saved: list, target: list) -> str | None:
-    saved_at, target_at = dict(saved), dict(target)
-    for path, wanted in target:
+    """The first difference between two layouts: paths and descriptions first (the most precise), then static data."""
+    saved_at = {path: rest for path, *rest in saved}
+    target_at = {path: rest for path, *rest in target}
+    for path, wanted, _ in target:
         if path not in saved_at:
             return f"target{path} ({wanted}) is not in the checkpoint"
-        if saved_at[path] != wanted:
-            return f"at {path or '(the root)'}: the checkpoint has {saved_at[path]}, the target has {wanted}"
-    for path, found in saved:
+        if saved_at[path][0] != wanted:
+            return f"at {path or '(the root)'}: the checkpoint has {saved_at[path][0]}, the target has {wanted}"
+    for path, found, _ in saved:
         if path not in target_at:
             return f"checkpoint{path} ({found}) has no counterpart in the target"
+    for path, kind, wanted in target:
+        if saved_at[path][1] != wanted:
+            return (
+                f"at {path or '(the root)'}: the static (non-array) data of the {kind} node differ: "
+                f"the checkpoint has {saved_at[path][1] or '(none)'}, the target has {wanted or '(none)'}"
+            )
     return None
 
 
@@ -284,7 +317,7 @@ def restore(directory: str | os.PathLike, target: Any, step: int | None = None) 
         header = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore())).layout
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ValueError(f"{owner}: {directory}/{step} was not written by gradtx.contrib.orbax.save")
-        mismatch = _first_mismatch([tuple(entry) for entry in header["layout"]], wanted)
+        mismatch = _first_mismatch(header["layout"], wanted)
         if mismatch is not None:
             raise ValueError(
                 f"{owner}: the checkpoint {directory}/{step} does not match the target; first difference: {mismatch}"
