@@ -105,6 +105,8 @@ from gradtx.schedules import (
     with_warmup,
 )
 from gradtx.state.accounting import state_bytes, state_bytes_per_parameter
+# Memory engine: block-wise 8-bit moment storage (docs/memory.md).
+from gradtx.state.quantize import Quantized8bit, QuantizedArray, dequantize_blockwise, quantize_blockwise
 from gradtx.transforms.clipping import clip, clip_by_block_rms, clip_by_global_norm
 from gradtx.transforms.conditionals import (
     AccumulateGradientsState,
@@ -281,6 +283,11 @@ __all__ = [
     "sophia_h",
     "state_bytes",
     "state_bytes_per_parameter",
+    # Memory engine: 8-bit moment storage.
+    "Quantized8bit",
+    "QuantizedArray",
+    "quantize_blockwise",
+    "dequantize_blockwise",
     "trace",
     "warmup_constant_schedule",
     "warmup_cosine_decay_schedule",

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gradtx.base import ScalarOrSchedule
+from gradtx.state import quantize as _quantize
 
 INT32_MAX = jnp.iinfo(jnp.int32).max
 
@@ -101,6 +102,60 @@ def real_at_least_float32(x: jax.Array) -> jax.Array:
     return at_least_float32(jnp.real(x))
 
 
+# Moment storage policy: a moment is stored in a dtype or 8-bit block-quantized, and always
+# computed on in at least float32 (load, update, store).
+
+def resolve_storage(specific: Any, state_dtype: Any) -> Any:
+    """The storage of one moment: its own argument (``mu_dtype`` …) when given, else ``state_dtype``."""
+    return state_dtype if specific is None else specific
+
+
+def moment_zeros_like(params: Any, storage: Any = None, *, signed: bool = True) -> Any:
+    """Zero moments for ``params`` stored as ``storage``: ``None`` (the parameter dtype), a dtype, or ``Quantized8bit``.
+
+    Under ``Quantized8bit`` each real leaf with at least ``min_size`` elements becomes a
+    ``QuantizedArray`` (``signed`` code for first moments, unsigned for second moments); the
+    other leaves are plain zeros in at least float32.
+    """
+    if not isinstance(storage, _quantize.Quantized8bit):
+        return zeros_like(params, storage)
+
+    def per_leaf(x):
+        if storage.applies_to(x):
+            return _quantize.zeros(tuple(jnp.shape(x)), signed=signed, block_size=storage.block_size)
+        return zeros_like(x, jnp.promote_types(x.dtype, jnp.float32))
+
+    return jax.tree.map(per_leaf, params)
+
+
+def moment_full_like(params: Any, value: float, storage: Any = None, *, signed: bool = True) -> Any:
+    """Moments filled with ``value`` (an initial accumulator), stored as ``storage`` (see :func:`moment_zeros_like`)."""
+    zeros = moment_zeros_like(params, storage, signed=signed)
+    return jax.tree.map(lambda z: store(load(z) + value, z), zeros, is_leaf=is_quantized)
+
+
+def is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a block-quantized moment (a ``QuantizedArray``)."""
+    return isinstance(x, _quantize.QuantizedArray)
+
+
+def load(stored: Any) -> jax.Array:
+    """A stored moment as an array in at least float32 (dequantized if 8-bit)."""
+    if is_quantized(stored):
+        return _quantize.dequantize_blockwise(stored)
+    return at_least_float32(stored)
+
+
+def store(value: jax.Array, like: Any) -> Any:
+    """``value`` stored the way ``like`` is (same dtype, or re-quantized with the same code and blocks).
+
+    The state's structure and dtypes therefore never change across ``update``.
+    """
+    if is_quantized(like):
+        return _quantize.quantize_blockwise(value, signed=like.signed, block_size=like.block_size)
+    return value.astype(like.dtype)
+
+
 def ema_update(value: jax.Array, previous: jax.Array, decay) -> jax.Array:
     """The moving average ``decay * previous + (1 - decay) * value``, in at least float32."""
     # Optax's operand order: XLA contracts a*b + c*d into a fused multiply-add, and which
@@ -134,7 +189,9 @@ def unzip(per_leaf_tuples: Any, like: Any, n: int) -> tuple:
     if outer.num_leaves == 0:
         # Every leaf masked out: nothing to transpose (and jax.tree.transpose cannot infer an empty one).
         return (jax.tree.unflatten(outer, []),) * n
-    return jax.tree.transpose(outer, jax.tree.structure((0,) * n), per_leaf_tuples)
+    # Up to ``like``'s leaves, not a full transpose: a tuple entry may be a subtree (an 8-bit QuantizedArray).
+    per_leaf = outer.flatten_up_to(per_leaf_tuples)
+    return tuple(jax.tree.unflatten(outer, [entry[i] for entry in per_leaf]) for i in range(n))
 
 
 def _is_none(x: Any) -> bool:

@@ -29,6 +29,7 @@ def scale_by_belief(
     eps_root: float = 1e-16,
     *,
     nesterov: bool = False,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by AdaBelief: the step shrinks where the gradient deviates from its prediction.
 
@@ -51,6 +52,8 @@ def scale_by_belief(
         eps_root: added to :math:`s_t` at every step (``>= 0``); keep it positive when
             differentiating through the update.
         nesterov: use Nesterov's look-ahead first moment.
+        state_dtype: storage of every moment: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByBeliefState`.
@@ -67,11 +70,12 @@ def scale_by_belief(
         https://arxiv.org/abs/2010.07468
     """
     owner = "scale_by_belief"
-    _check_adam(owner, b1, b2, eps, eps_root)
+    _check_adam(owner, b1, b2, eps, eps_root, state_dtype=state_dtype)
     _checks.one_of(owner, "nesterov", nesterov, (False, True))
 
     def init(params):
-        return ScaleByBeliefState(count=tree.zero_count(), mu=tree.zeros_like(params), nu=tree.zeros_like(params))
+        mu = tree.moment_zeros_like(params, state_dtype, signed=True)
+        return ScaleByBeliefState(count=tree.zero_count(), mu=mu, nu=tree.moment_zeros_like(params, state_dtype, signed=False))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -81,13 +85,13 @@ def scale_by_belief(
 
         def per_leaf(g, m_prev, s_prev):
             g_wide = tree.at_least_float32(g)
-            m = tree.ema_update(g_wide, m_prev, b1)
-            s = tree.ema_update(tree.abs_sq(g_wide - m), jnp.real(s_prev), b2)
+            m = tree.ema_update(g_wide, tree.load(m_prev), b1)
+            s = tree.ema_update(tree.abs_sq(g_wide - m), jnp.real(tree.load(s_prev)), b2)
             s = s + eps_root
             m_hat = _debiased_first_moment(g_wide, m, b1, c1, c1_next, nesterov)
             s_hat = s / c2
             u = m_hat / (jnp.sqrt(s_hat) + eps)
-            return u.astype(g.dtype), m.astype(m_prev.dtype), s.astype(s_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(s, s_prev)
 
         updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByBeliefState(count=count, mu=mu, nu=nu)
@@ -103,6 +107,7 @@ def adabelief(
     eps_root: float = 1e-16,
     *,
     nesterov: bool = False,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The AdaBelief optimizer: :func:`scale_by_belief` followed by the (negative) learning rate.
 
@@ -112,7 +117,7 @@ def adabelief(
 
     Args:
         learning_rate: a float ``>= 0`` or a schedule ``count -> lr``.
-        b1, b2, eps, eps_root, nesterov: see :func:`scale_by_belief`.
+        b1, b2, eps, eps_root, nesterov, state_dtype: see :func:`scale_by_belief`.
 
     Returns:
         A ``GradientTransformation``: ``chain(scale_by_belief, scale_by_learning_rate)``.
@@ -127,5 +132,7 @@ def adabelief(
     """
     _checks.learning_rate("adabelief", learning_rate)
     _checks.boolean("adabelief", "nesterov", nesterov)
-    _check_adam("adabelief", b1, b2, eps, eps_root)
-    return chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov), scale_by_learning_rate(learning_rate))
+    _check_adam("adabelief", b1, b2, eps, eps_root, state_dtype=state_dtype)
+    return chain(
+        scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov, state_dtype=state_dtype), scale_by_learning_rate(learning_rate)
+    )

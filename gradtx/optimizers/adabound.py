@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 
 
@@ -27,7 +28,7 @@ class ScaleByAdaBoundState(NamedTuple):
     nu_max: Any
 
 
-def _check_adabound(owner: str, learning_rate, b1, b2, final_lr, gamma, eps, base_learning_rate, mu_dtype) -> Any:
+def _check_adabound(owner: str, learning_rate, b1, b2, final_lr, gamma, eps, base_learning_rate, mu_dtype, state_dtype) -> Any:
     """Validate the hyperparameters and return the base learning rate ``alpha_0``."""
     _checks.learning_rate(owner, learning_rate)
     _checks.decay_rate(owner, "b1", b1)
@@ -35,7 +36,8 @@ def _check_adabound(owner: str, learning_rate, b1, b2, final_lr, gamma, eps, bas
     _checks.positive(owner, "final_lr", final_lr)
     _checks.number(owner, "gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
     _checks.non_negative(owner, "eps", eps)
-    _checks.dtype(owner, "mu_dtype", mu_dtype)
+    check_storage(owner, "mu_dtype", mu_dtype)
+    check_storage(owner, "state_dtype", state_dtype)
     return _base_learning_rate(owner, learning_rate, base_learning_rate)
 
 
@@ -69,6 +71,7 @@ def scale_by_adabound(
     amsbound: bool = False,
     base_learning_rate: float | None = None,
     mu_dtype=None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The AdaBound step: Adam's per-parameter step size, clipped to dynamic bounds (returns ``-step``).
 
@@ -111,6 +114,8 @@ def scale_by_adabound(
             schedule that starts at 0 (warmup), and under ``inject_hyperparams``, which
             passes the scheduled value rather than the schedule.
         mu_dtype: dtype of the first moment; ``None`` means the parameter's dtype.
+        state_dtype: storage of every moment whose own ``mu_dtype`` is ``None``: a floating dtype
+            or ``gradtx.Quantized8bit()``; ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByAdaBoundState`.
@@ -124,14 +129,16 @@ def scale_by_adabound(
         Luo, Xiong, Liu & Sun, 2019. Adaptive Gradient Methods with Dynamic Bound of Learning Rate, https://arxiv.org/abs/1902.09843
     """
     _checks.one_of("scale_by_adabound", "amsbound", amsbound, (False, True))
-    base_lr = _check_adabound("scale_by_adabound", learning_rate, b1, b2, final_lr, gamma, eps, base_learning_rate, mu_dtype)
+    base_lr = _check_adabound(
+        "scale_by_adabound", learning_rate, b1, b2, final_lr, gamma, eps, base_learning_rate, mu_dtype, state_dtype
+    )
 
     def init(params):
         return ScaleByAdaBoundState(
             count=tree.zero_count(),
-            mu=tree.zeros_like(params, mu_dtype),
-            nu=tree.zeros_like(params),
-            nu_max=tree.zeros_like(params),
+            mu=tree.moment_zeros_like(params, tree.resolve_storage(mu_dtype, state_dtype), signed=True),
+            nu=tree.moment_zeros_like(params, state_dtype, signed=False),
+            nu_max=tree.moment_zeros_like(params, state_dtype, signed=False),
         )
 
     def update(updates, state, params=None, **extra_args):
@@ -146,12 +153,14 @@ def scale_by_adabound(
 
         def per_leaf(g, m_prev, v_prev, v_max_prev):
             g_wide = tree.at_least_float32(g)
-            m = b1 * tree.at_least_float32(m_prev) + (1 - b1) * g_wide
-            v = b2 * tree.real_at_least_float32(v_prev) + (1 - b2) * tree.abs_sq(g_wide)
-            v_max = jnp.maximum(tree.real_at_least_float32(v_max_prev), v) if amsbound else v_max_prev
+            m = b1 * tree.load(m_prev) + (1 - b1) * g_wide
+            v = b2 * jnp.real(tree.load(v_prev)) + (1 - b2) * tree.abs_sq(g_wide)
+            v_max = jnp.maximum(jnp.real(tree.load(v_max_prev)), v) if amsbound else None
             step_size = jnp.clip(adam_step_size / (jnp.sqrt(v_max if amsbound else v) + eps), lower, upper)
             u = -step_size * m
-            return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype), v_max.astype(v_max_prev.dtype)
+            # Without amsbound nu_max stays at zero, untouched (not even re-quantized).
+            nu_max = tree.store(v_max, v_max_prev) if amsbound else v_max_prev
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev), nu_max
 
         per_leaf_results = jax.tree.map(per_leaf, updates, state.mu, state.nu, state.nu_max)
         updates, mu, nu, nu_max = tree.unzip(per_leaf_results, updates, 4)
@@ -173,6 +182,7 @@ def adabound(
     amsbound: bool = False,
     base_learning_rate: float | None = None,
     mu_dtype=None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""AdaBound (or AMSBound): Adam that turns into SGD, as in the authors' ``AdaBound``.
 
@@ -192,6 +202,8 @@ def adabound(
         amsbound: use AMSBound's running maximum of the second moment.
         base_learning_rate: ``alpha_0``, see :func:`scale_by_adabound`.
         mu_dtype: dtype of the first moment; ``None`` means the parameter's dtype.
+        state_dtype: storage of every moment whose own ``mu_dtype`` is ``None``: a floating dtype
+            or ``gradtx.Quantized8bit()``; ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation``: ``chain(add_decayed_weights, scale_by_adabound)``.
@@ -207,7 +219,7 @@ def adabound(
     """
     _checks.one_of("adabound", "amsbound", amsbound, (False, True))
     hyperparameters = (learning_rate, b1, b2, final_lr, gamma, eps, weight_decay, mask)
-    return _adabound("adabound", *hyperparameters, amsbound, base_learning_rate, mu_dtype)
+    return _adabound("adabound", *hyperparameters, amsbound, base_learning_rate, mu_dtype, state_dtype)
 
 
 def amsbound(
@@ -222,6 +234,7 @@ def amsbound(
     *,
     base_learning_rate: float | None = None,
     mu_dtype=None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""AMSBound: :func:`adabound` with ``amsbound=True`` (the second moment is its running maximum).
 
@@ -232,8 +245,8 @@ def amsbound(
     replaces :math:`v_t` in the step size of :func:`scale_by_adabound`.
 
     Args:
-        learning_rate, b1, b2, final_lr, gamma, eps, weight_decay, mask, base_learning_rate, mu_dtype:
-            see :func:`adabound`.
+        learning_rate, b1, b2, final_lr, gamma, eps, weight_decay, mask, base_learning_rate, mu_dtype,
+            state_dtype: see :func:`adabound`.
 
     Returns:
         A ``GradientTransformation``: ``adabound(..., amsbound=True)``.
@@ -246,18 +259,28 @@ def amsbound(
         Luo, Xiong, Liu & Sun, 2019. Adaptive Gradient Methods with Dynamic Bound of Learning Rate, https://arxiv.org/abs/1902.09843
     """
     hyperparameters = (learning_rate, b1, b2, final_lr, gamma, eps, weight_decay, mask)
-    return _adabound("amsbound", *hyperparameters, True, base_learning_rate, mu_dtype)
+    return _adabound("amsbound", *hyperparameters, True, base_learning_rate, mu_dtype, state_dtype)
 
 
-def _adabound(owner, learning_rate, b1, b2, final_lr, gamma, eps, weight_decay, mask, amsbound, base_learning_rate, mu_dtype):
+def _adabound(
+    owner, learning_rate, b1, b2, final_lr, gamma, eps, weight_decay, mask, amsbound, base_learning_rate, mu_dtype, state_dtype
+):
     # Validated under the alias's name, so that errors name the function the user called.
-    _check_adabound(owner, learning_rate, b1, b2, final_lr, gamma, eps, base_learning_rate, mu_dtype)
+    _check_adabound(owner, learning_rate, b1, b2, final_lr, gamma, eps, base_learning_rate, mu_dtype, state_dtype)
     _checks.mask(owner, "mask", mask)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
     return chain(
         add_decayed_weights(weight_decay, mask),
         scale_by_adabound(
-            learning_rate, b1, b2, final_lr, gamma, eps,
-            amsbound=amsbound, base_learning_rate=base_learning_rate, mu_dtype=mu_dtype,
+            learning_rate,
+            b1,
+            b2,
+            final_lr,
+            gamma,
+            eps,
+            amsbound=amsbound,
+            base_learning_rate=base_learning_rate,
+            mu_dtype=mu_dtype,
+            state_dtype=state_dtype,
         ),
     )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -19,12 +20,13 @@ class ScaleByRssState(NamedTuple):
     sum_of_squares: Any
 
 
-def _check_rss(owner: str, initial_accumulator_value, eps) -> None:
+def _check_rss(owner: str, initial_accumulator_value, eps, state_dtype) -> None:
+    check_storage(owner, "state_dtype", state_dtype)
     _checks.non_negative(owner, "initial_accumulator_value", initial_accumulator_value)
     _checks.non_negative(owner, "eps", eps)
 
 
-def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> GradientTransformation:
+def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7, *, state_dtype: Any = None) -> GradientTransformation:
     r"""Rescale updates by the root of the sum of all squared gradients to date (AdaGrad's diagonal).
 
     .. math::
@@ -35,6 +37,8 @@ def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> G
     Args:
         initial_accumulator_value: :math:`G_{init}` (``>= 0``).
         eps: :math:`\epsilon`, added inside the square root (``>= 0``).
+        state_dtype: storage of :math:`G`: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByRssState`.
@@ -49,19 +53,19 @@ def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> G
         Duchi et al., 2011. Adaptive Subgradient Methods for Online Learning and Stochastic Optimization,
         https://jmlr.org/papers/v12/duchi11a.html
     """
-    _check_rss("scale_by_rss", initial_accumulator_value, eps)
+    _check_rss("scale_by_rss", initial_accumulator_value, eps, state_dtype)
 
     def init(params):
-        return ScaleByRssState(sum_of_squares=jax.tree.map(lambda z: z + initial_accumulator_value, tree.zeros_like(params)))
+        return ScaleByRssState(sum_of_squares=tree.moment_full_like(params, initial_accumulator_value, state_dtype, signed=False))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
 
         def per_leaf(g, sum_prev):
             g_wide = tree.at_least_float32(g)
-            sum_of_squares = tree.abs_sq(g_wide) + tree.real_at_least_float32(sum_prev)
+            sum_of_squares = tree.abs_sq(g_wide) + jnp.real(tree.load(sum_prev))
             inverse_root = jnp.where(sum_of_squares > 0, jax.lax.rsqrt(sum_of_squares + eps), 0.0)
-            return (inverse_root * g_wide).astype(g.dtype), sum_of_squares.astype(sum_prev.dtype)
+            return (inverse_root * g_wide).astype(g.dtype), tree.store(sum_of_squares, sum_prev)
 
         updates, sum_of_squares = tree.unzip(jax.tree.map(per_leaf, updates, state.sum_of_squares), updates, 2)
         return updates, ScaleByRssState(sum_of_squares=sum_of_squares)
@@ -73,6 +77,8 @@ def adagrad(
     learning_rate: ScalarOrSchedule,
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The AdaGrad optimizer: :func:`scale_by_rss` followed by the (negative) learning rate.
 
@@ -84,7 +90,7 @@ def adagrad(
 
     Args:
         learning_rate: :math:`\eta`, a float ``>= 0`` or a schedule ``count -> lr``.
-        initial_accumulator_value, eps: see :func:`scale_by_rss`.
+        initial_accumulator_value, eps, state_dtype: see :func:`scale_by_rss`.
 
     Returns:
         A ``GradientTransformation``: ``chain(scale_by_rss, scale_by_learning_rate)``.
@@ -102,5 +108,5 @@ def adagrad(
         https://jmlr.org/papers/v12/duchi11a.html
     """
     _checks.learning_rate("adagrad", learning_rate)
-    _check_rss("adagrad", initial_accumulator_value, eps)
-    return chain(scale_by_rss(initial_accumulator_value, eps), scale_by_learning_rate(learning_rate))
+    _check_rss("adagrad", initial_accumulator_value, eps, state_dtype)
+    return chain(scale_by_rss(initial_accumulator_value, eps, state_dtype=state_dtype), scale_by_learning_rate(learning_rate))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -33,18 +34,19 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
-def _check_adam(owner: str, b1, b2, eps, eps_root, mu_dtype=None, nu_dtype=None) -> None:
+def _check_adam(owner: str, b1, b2, eps, eps_root, mu_dtype=None, nu_dtype=None, state_dtype=None) -> None:
     _checks.decay_rate(owner, "b1", b1)
     _checks.decay_rate(owner, "b2", b2)
     _checks.positive(owner, "eps", eps)
     _checks.non_negative(owner, "eps_root", eps_root)
-    _checks.dtype(owner, "mu_dtype", mu_dtype)
-    _checks.dtype(owner, "nu_dtype", nu_dtype)
+    check_storage(owner, "mu_dtype", mu_dtype)
+    check_storage(owner, "nu_dtype", nu_dtype)
+    check_storage(owner, "state_dtype", state_dtype)
 
 
-def _check_adamw(owner: str, learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, weight_decay) -> None:
+def _check_adamw(owner: str, learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, weight_decay, state_dtype=None) -> None:
     _checks.learning_rate(owner, learning_rate)
-    _check_adam(owner, b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    _check_adam(owner, b1, b2, eps, eps_root, mu_dtype, nu_dtype, state_dtype)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
 
 
@@ -57,6 +59,7 @@ def scale_by_adam(
     *,
     nesterov: bool = False,
     nu_dtype: Any = None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by Adam's bias-corrected moment estimates.
 
@@ -74,7 +77,8 @@ def scale_by_adam(
     (like Optax, without Dozat's extra :math:`\beta_2` factor on :math:`\hat v_t`).
 
     Each leaf is computed in at least float32; the moments are stored in ``mu_dtype`` /
-    ``nu_dtype`` and the updates keep the gradient's dtype. ``nu_dtype`` is a gradtx addition
+    ``nu_dtype`` (either may be ``gradtx.Quantized8bit()``, block-wise 8-bit storage; see
+    ``docs/memory.md``) and the updates keep the gradient's dtype. ``nu_dtype`` is a gradtx addition
     (Optax stores the second moment in the parameter dtype); with ``nu_dtype=jnp.bfloat16`` it
     halves the memory of :math:`v` at the cost of ~3 significant digits in :math:`\sqrt{v}`.
 
@@ -87,6 +91,9 @@ def scale_by_adam(
         mu_dtype: storage dtype of :math:`m`; ``None`` means the parameter dtype.
         nesterov: use Nesterov's look-ahead first moment (NAdam).
         nu_dtype: storage dtype of :math:`v`; ``None`` means the parameter dtype.
+        state_dtype: storage of every moment whose own argument (``mu_dtype``, ``nu_dtype``)
+            is ``None``: a floating dtype or ``gradtx.Quantized8bit()``; ``None`` means the
+            parameter dtype.
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByAdamState`.
@@ -104,11 +111,13 @@ def scale_by_adam(
         Dozat, 2016. Incorporating Nesterov Momentum into Adam, https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ
     """
     owner = "scale_by_adam"
-    _check_adam(owner, b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    _check_adam(owner, b1, b2, eps, eps_root, mu_dtype, nu_dtype, state_dtype)
     _checks.one_of(owner, "nesterov", nesterov, (False, True))
+    mu_storage, nu_storage = tree.resolve_storage(mu_dtype, state_dtype), tree.resolve_storage(nu_dtype, state_dtype)
 
     def init(params):
-        mu, nu = tree.zeros_like(params, mu_dtype), tree.zeros_like(params, nu_dtype)
+        mu = tree.moment_zeros_like(params, mu_storage, signed=True)
+        nu = tree.moment_zeros_like(params, nu_storage, signed=False)
         return ScaleByAdamState(count=tree.zero_count(), mu=mu, nu=nu)
 
     def update(updates, state, params=None, **extra_args):
@@ -119,12 +128,12 @@ def scale_by_adam(
 
         def per_leaf(g, m_prev, v_prev):
             g_wide = tree.at_least_float32(g)
-            m = tree.ema_update(g_wide, m_prev, b1)
-            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(v_prev), b2)
+            m = tree.ema_update(g_wide, tree.load(m_prev), b1)
+            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(tree.load(v_prev)), b2)
             m_hat = _debiased_first_moment(g_wide, m, b1, c1, c1_next, nesterov)
             v_hat = v / c2
             u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-            return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
         updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
@@ -142,6 +151,7 @@ def adam(
     *,
     nesterov: bool = False,
     nu_dtype: Any = None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The Adam optimizer: :func:`scale_by_adam` followed by the (negative) learning rate.
 
@@ -153,7 +163,7 @@ def adam(
 
     Args:
         learning_rate: a float ``>= 0`` or a schedule ``count -> lr``.
-        b1, b2, eps, eps_root, mu_dtype, nesterov, nu_dtype: see :func:`scale_by_adam`.
+        b1, b2, eps, eps_root, mu_dtype, nesterov, nu_dtype, state_dtype: see :func:`scale_by_adam`.
 
     Returns:
         A ``GradientTransformation``: ``chain(scale_by_adam, scale_by_learning_rate)``.
@@ -171,9 +181,9 @@ def adam(
     """
     _checks.learning_rate("adam", learning_rate)
     _checks.boolean("adam", "nesterov", nesterov)
-    _check_adam("adam", b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    _check_adam("adam", b1, b2, eps, eps_root, mu_dtype, nu_dtype, state_dtype)
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype, state_dtype=state_dtype),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -190,6 +200,7 @@ def adamw(
     *,
     nesterov: bool = False,
     nu_dtype: Any = None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Adam with decoupled weight decay (AdamW); see :func:`adam`.
 
@@ -202,7 +213,7 @@ def adamw(
     :math:`\sqrt{\hat v_t}` (unlike an L2 penalty added to the loss).
 
     Args:
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov, nu_dtype: see :func:`adam`.
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov, nu_dtype, state_dtype: see :func:`adam`.
         weight_decay: :math:`\lambda`, a float ``>= 0`` or a schedule.
         mask: a pytree of booleans (or a callable ``params -> pytree``) selecting the
             parameters to decay; ``None`` decays all of them.
@@ -217,11 +228,11 @@ def adamw(
     References:
         Loshchilov & Hutter, 2019. Decoupled Weight Decay Regularization, https://arxiv.org/abs/1711.05101
     """
-    _check_adamw("adamw", learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, weight_decay)
+    _check_adamw("adamw", learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, weight_decay, state_dtype)
     _checks.boolean("adamw", "nesterov", nesterov)
     _checks.mask("adamw", "mask", mask)
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype, state_dtype=state_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -236,6 +247,7 @@ def nadam(
     mu_dtype: Any = None,
     *,
     nu_dtype: Any = None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""NAdam: :func:`adam` with Nesterov's look-ahead first moment (``nesterov=True``).
 
@@ -243,7 +255,7 @@ def nadam(
     everything else is :func:`adam`.
 
     Args:
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype: see :func:`adam`.
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, state_dtype: see :func:`adam`.
 
     Returns:
         ``adam(..., nesterov=True)``.
@@ -256,8 +268,8 @@ def nadam(
         Dozat, 2016. Incorporating Nesterov Momentum into Adam, https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ
     """
     _checks.learning_rate("nadam", learning_rate)
-    _check_adam("nadam", b1, b2, eps, eps_root, mu_dtype, nu_dtype)
-    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True, nu_dtype=nu_dtype)
+    _check_adam("nadam", b1, b2, eps, eps_root, mu_dtype, nu_dtype, state_dtype)
+    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True, nu_dtype=nu_dtype, state_dtype=state_dtype)
 
 
 def nadamw(
@@ -271,11 +283,12 @@ def nadamw(
     mask: Any | Callable[[Any], Any] | None = None,
     *,
     nu_dtype: Any = None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""NAdamW: :func:`adamw` with Nesterov's look-ahead first moment (``nesterov=True``); see :func:`nadam`.
 
     Args:
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nu_dtype: see :func:`adamw`.
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nu_dtype, state_dtype: see :func:`adamw`.
 
     Returns:
         ``adamw(..., nesterov=True)``.
@@ -289,24 +302,24 @@ def nadamw(
 
         Loshchilov & Hutter, 2019. Decoupled Weight Decay Regularization, https://arxiv.org/abs/1711.05101
     """
-    _check_adamw("nadamw", learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, weight_decay)
+    _check_adamw("nadamw", learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, weight_decay, state_dtype)
     _checks.mask("nadamw", "mask", mask)
-    return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=True, nu_dtype=nu_dtype)
+    return adamw(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        weight_decay,
+        mask,
+        nesterov=True,
+        nu_dtype=nu_dtype,
+        state_dtype=state_dtype,
+    )
 
 
 # Per-leaf helpers shared by the adaptive-moment optimizers of this package.
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _debiased_first_moment(g: jax.Array, m: jax.Array, b1, correction: jax.Array, next_correction: jax.Array, nesterov: bool):
@@ -317,4 +330,3 @@ def _debiased_first_moment(g: jax.Array, m: jax.Array, b1, correction: jax.Array
     if not nesterov:
         return m / correction
     return b1 * (m / next_correction) + (1 - b1) * (g / correction)
-

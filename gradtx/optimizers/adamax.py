@@ -12,17 +12,19 @@ from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
 from gradtx.optimizers.adam import ScaleByAdamState
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
-def _check_adamax(owner: str, b1, b2, eps) -> None:
+def _check_adamax(owner: str, b1, b2, eps, state_dtype) -> None:
+    check_storage(owner, "state_dtype", state_dtype)
     _checks.decay_rate(owner, "b1", b1)
     _checks.decay_rate(owner, "b2", b2)
     _checks.positive(owner, "eps", eps)
 
 
-def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, state_dtype: Any = None) -> GradientTransformation:
     r"""Rescale updates by Adamax: Adam's first moment over an exponentially weighted infinity norm.
 
     .. math::
@@ -38,6 +40,8 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         b1: decay of the first-moment EMA, in ``[0, 1)``.
         b2: decay of the infinity norm, in ``[0, 1)``.
         eps: added to :math:`|g_t|` (``> 0``).
+        state_dtype: storage of every moment: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`gradtx.ScaleByAdamState`
@@ -53,10 +57,11 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     References:
         Kingma & Ba, 2015. Adam: A Method for Stochastic Optimization (Section 7.1), https://arxiv.org/abs/1412.6980
     """
-    _check_adamax("scale_by_adamax", b1, b2, eps)
+    _check_adamax("scale_by_adamax", b1, b2, eps, state_dtype)
 
     def init(params):
-        return ScaleByAdamState(count=tree.zero_count(), mu=tree.zeros_like(params), nu=tree.zeros_like(params))
+        mu = tree.moment_zeros_like(params, state_dtype, signed=True)
+        return ScaleByAdamState(count=tree.zero_count(), mu=mu, nu=tree.moment_zeros_like(params, state_dtype, signed=False))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -65,10 +70,10 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
 
         def per_leaf(g, m_prev, u_prev):
             g_wide = tree.at_least_float32(g)
-            m = tree.ema_update(g_wide, m_prev, b1)
-            u_inf = jnp.maximum(jnp.abs(g_wide) + eps, b2 * tree.real_at_least_float32(u_prev))
+            m = tree.ema_update(g_wide, tree.load(m_prev), b1)
+            u_inf = jnp.maximum(jnp.abs(g_wide) + eps, b2 * jnp.real(tree.load(u_prev)))
             u = (m / c1) / u_inf
-            return u.astype(g.dtype), m.astype(m_prev.dtype), u_inf.astype(u_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(u_inf, u_prev)
 
         updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
@@ -76,7 +81,9 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     return GradientTransformation(init, update)
 
 
-def adamax(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+def adamax(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, state_dtype: Any = None
+) -> GradientTransformation:
     r"""The Adamax optimizer: :func:`scale_by_adamax` followed by the (negative) learning rate.
 
     .. math::
@@ -85,7 +92,7 @@ def adamax(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, 
 
     Args:
         learning_rate: a float ``>= 0`` or a schedule ``count -> lr``.
-        b1, b2, eps: see :func:`scale_by_adamax`.
+        b1, b2, eps, state_dtype: see :func:`scale_by_adamax`.
 
     Returns:
         A ``GradientTransformation``: ``chain(scale_by_adamax, scale_by_learning_rate)``.
@@ -98,8 +105,8 @@ def adamax(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, 
         Kingma & Ba, 2015. Adam: A Method for Stochastic Optimization (Section 7.1), https://arxiv.org/abs/1412.6980
     """
     _checks.learning_rate("adamax", learning_rate)
-    _check_adamax("adamax", b1, b2, eps)
-    return chain(scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate))
+    _check_adamax("adamax", b1, b2, eps, state_dtype)
+    return chain(scale_by_adamax(b1, b2, eps, state_dtype=state_dtype), scale_by_learning_rate(learning_rate))
 
 
 def adamaxw(
@@ -109,6 +116,8 @@ def adamaxw(
     eps: float = 1e-8,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any | Callable[[Any], Any] | None = None,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Adamax with decoupled weight decay; see :func:`adamax` (and :func:`gradtx.adamw` for the decay).
 
@@ -117,7 +126,7 @@ def adamaxw(
         p_{t+1} = p_t - \eta_t \left(\frac{m_t / (1 - \beta_1^t)}{u^\infty_t} + \lambda_t p_t\right)
 
     Args:
-        learning_rate, b1, b2, eps: see :func:`adamax`.
+        learning_rate, b1, b2, eps, state_dtype: see :func:`adamax`.
         weight_decay: :math:`\lambda`, a float ``>= 0`` or a schedule.
         mask: a pytree of booleans (or a callable ``params -> pytree``) selecting the
             parameters to decay; ``None`` decays all of them.
@@ -134,6 +143,10 @@ def adamaxw(
     """
     _checks.learning_rate("adamaxw", learning_rate)
     _checks.mask("adamaxw", "mask", mask)
-    _check_adamax("adamaxw", b1, b2, eps)
+    _check_adamax("adamaxw", b1, b2, eps, state_dtype)
     _checks.non_negative("adamaxw", "weight_decay", weight_decay, schedule_ok=True)
-    return chain(scale_by_adamax(b1, b2, eps), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
+    return chain(
+        scale_by_adamax(b1, b2, eps, state_dtype=state_dtype),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )

@@ -31,6 +31,8 @@ def scale_by_amsgrad(
     mu_dtype: Any = None,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by AMSGrad: Adam with the running maximum of the second moment.
 
@@ -56,6 +58,8 @@ def scale_by_amsgrad(
         mu_dtype: storage dtype of :math:`m`; ``None`` means the parameter dtype.
         bias_correction_mu: divide :math:`m_t` by :math:`1 - \beta_1^t`.
         bias_correction_nu: divide :math:`v_t` by :math:`1 - \beta_2^t` before the maximum.
+        state_dtype: storage of every moment whose own ``mu_dtype`` is ``None``: a floating dtype
+            or ``gradtx.Quantized8bit()``; ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByAmsgradState`.
@@ -71,12 +75,13 @@ def scale_by_amsgrad(
         Reddi, Kale & Kumar, 2018. On the Convergence of Adam and Beyond, https://arxiv.org/abs/1904.09237
     """
     owner = "scale_by_amsgrad"
-    _check_adam(owner, b1, b2, eps, eps_root, mu_dtype)
+    _check_adam(owner, b1, b2, eps, eps_root, mu_dtype, state_dtype=state_dtype)
     _checks.one_of(owner, "bias_correction_mu", bias_correction_mu, (False, True))
     _checks.one_of(owner, "bias_correction_nu", bias_correction_nu, (False, True))
 
     def init(params):
-        mu, nu, nu_max = tree.zeros_like(params, mu_dtype), tree.zeros_like(params), tree.zeros_like(params)
+        mu = tree.moment_zeros_like(params, tree.resolve_storage(mu_dtype, state_dtype), signed=True)
+        nu, nu_max = (tree.moment_zeros_like(params, state_dtype, signed=False) for _ in range(2))
         return ScaleByAmsgradState(count=tree.zero_count(), mu=mu, nu=nu, nu_max=nu_max)
 
     def update(updates, state, params=None, **extra_args):
@@ -86,13 +91,13 @@ def scale_by_amsgrad(
 
         def per_leaf(g, m_prev, v_prev, v_max_prev):
             g_wide = tree.at_least_float32(g)
-            m = tree.ema_update(g_wide, m_prev, b1)
-            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(v_prev), b2)
+            m = tree.ema_update(g_wide, tree.load(m_prev), b1)
+            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(tree.load(v_prev)), b2)
             m_hat = m / c1 if bias_correction_mu else m
             v_hat = v / c2 if bias_correction_nu else v
-            v_max = jnp.maximum(tree.real_at_least_float32(v_max_prev), v_hat)
+            v_max = jnp.maximum(jnp.real(tree.load(v_max_prev)), v_hat)
             u = m_hat / (jnp.sqrt(v_max + eps_root) + eps)
-            return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype), v_max.astype(v_max_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev), tree.store(v_max, v_max_prev)
 
         updates, mu, nu, nu_max = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu, state.nu_max), updates, 4)
         return updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
@@ -109,6 +114,8 @@ def amsgrad(
     mu_dtype: Any = None,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The AMSGrad optimizer: :func:`scale_by_amsgrad` followed by the (negative) learning rate.
 
@@ -118,7 +125,8 @@ def amsgrad(
 
     Args:
         learning_rate: a float ``>= 0`` or a schedule ``count -> lr``.
-        b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu: see :func:`scale_by_amsgrad`.
+        b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu, state_dtype: see
+            :func:`scale_by_amsgrad`.
 
     Returns:
         A ``GradientTransformation``: ``chain(scale_by_amsgrad, scale_by_learning_rate)``.
@@ -133,8 +141,8 @@ def amsgrad(
     _checks.learning_rate("amsgrad", learning_rate)
     _checks.boolean("amsgrad", "bias_correction_mu", bias_correction_mu)
     _checks.boolean("amsgrad", "bias_correction_nu", bias_correction_nu)
-    _check_adam("amsgrad", b1, b2, eps, eps_root, mu_dtype)
+    _check_adam("amsgrad", b1, b2, eps, eps_root, mu_dtype, state_dtype=state_dtype)
     return chain(
-        scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu),
+        scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu, state_dtype=state_dtype),
         scale_by_learning_rate(learning_rate),
     )

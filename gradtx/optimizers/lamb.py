@@ -21,6 +21,8 @@ def lamb(
     eps_root: float = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: Any | Callable[[Any], Any] | None = None,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The LAMB optimizer: layer-wise adaptive large-batch Adam.
 
@@ -40,6 +42,8 @@ def lamb(
         weight_decay: :math:`\lambda`, a float ``>= 0`` or a schedule.
         mask: a pytree of booleans (or a callable ``params -> pytree``) selecting the
             parameters to decay; ``None`` decays all of them.
+        state_dtype: storage of Adam's two moments, e.g. ``gradtx.Quantized8bit()`` (see
+            :func:`gradtx.scale_by_adam`).
 
     Returns:
         A ``GradientTransformation``:
@@ -55,10 +59,10 @@ def lamb(
     """
     _checks.learning_rate("lamb", learning_rate)
     _checks.mask("lamb", "mask", mask)
-    _check_adam("lamb", b1, b2, eps, eps_root)
+    _check_adam("lamb", b1, b2, eps, eps_root, state_dtype=state_dtype)
     _checks.non_negative("lamb", "weight_decay", weight_decay, schedule_ok=True)
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root),
+        scale_by_adam(b1, b2, eps, eps_root, state_dtype=state_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_trust_ratio(),
         scale_by_learning_rate(learning_rate),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -24,10 +25,11 @@ class ScaleByLionState(NamedTuple):
     mu: Any
 
 
-def _check_lion(owner: str, b1, b2, mu_dtype) -> None:
+def _check_lion(owner: str, b1, b2, mu_dtype, state_dtype=None) -> None:
     _checks.number(owner, "b1", b1, low=0.0, high=1.0)
     _checks.decay_rate(owner, "b2", b2)
-    _checks.dtype(owner, "mu_dtype", mu_dtype)
+    check_storage(owner, "mu_dtype", mu_dtype)
+    check_storage(owner, "state_dtype", state_dtype)
 
 
 def _squash(c: jax.Array, mode: str, smooth_beta) -> jax.Array:
@@ -45,6 +47,7 @@ def scale_by_lion(
     *,
     mode: str = "hard",
     smooth_beta: float = 1.0,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates to the sign of Lion's interpolated momentum.
 
@@ -65,6 +68,8 @@ def scale_by_lion(
         mode: ``"hard"`` (the paper's sign), ``"smooth"`` (:math:`\tanh(\beta_s c_t)`) or
             ``"refined"`` (:math:`c_t` where :math:`|c_t| < 1`, else its sign), as in Optax.
         smooth_beta: :math:`\beta_s`, the sharpness of ``"smooth"`` (``> 0``).
+        state_dtype: storage of every moment whose own ``mu_dtype`` is ``None``: a floating dtype
+            or ``gradtx.Quantized8bit()``; ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByLionState`.
@@ -79,22 +84,23 @@ def scale_by_lion(
         Chen et al., 2023. Symbolic Discovery of Optimization Algorithms, https://arxiv.org/abs/2302.06675
     """
     owner = "scale_by_lion"
-    _check_lion(owner, b1, b2, mu_dtype)
+    _check_lion(owner, b1, b2, mu_dtype, state_dtype)
     _checks.one_of(owner, "mode", mode, _MODES)
     _checks.positive(owner, "smooth_beta", smooth_beta)
 
     def init(params):
         tree.check_real_params(owner, params)
-        return ScaleByLionState(count=tree.zero_count(), mu=tree.zeros_like(params, mu_dtype))
+        mu = tree.moment_zeros_like(params, tree.resolve_storage(mu_dtype, state_dtype), signed=True)
+        return ScaleByLionState(count=tree.zero_count(), mu=mu)
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
 
         def per_leaf(g, m_prev):
-            g_wide, m_prev_wide = tree.at_least_float32(g), tree.at_least_float32(m_prev)
+            g_wide, m_prev_wide = tree.at_least_float32(g), tree.load(m_prev)
             c = (1 - b1) * g_wide + b1 * m_prev_wide
             m = (1 - b2) * g_wide + b2 * m_prev_wide
-            return _squash(c, mode, smooth_beta).astype(g.dtype), m.astype(m_prev.dtype)
+            return _squash(c, mode, smooth_beta).astype(g.dtype), tree.store(m, m_prev)
 
         updates, mu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu), updates, 2)
         return updates, ScaleByLionState(count=tree.safe_increment(state.count), mu=mu)
@@ -109,6 +115,8 @@ def lion(
     mu_dtype: Any = None,
     weight_decay: ScalarOrSchedule = 1e-3,
     mask: Any | Callable[[Any], Any] | None = None,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The Lion optimizer: :func:`scale_by_lion`, decoupled weight decay, and the learning rate.
 
@@ -120,7 +128,7 @@ def lion(
 
     Args:
         learning_rate: :math:`\eta`, a float ``>= 0`` or a schedule ``count -> lr``.
-        b1, b2, mu_dtype: see :func:`scale_by_lion`.
+        b1, b2, mu_dtype, state_dtype: see :func:`scale_by_lion`.
         weight_decay: :math:`\lambda`, a float ``>= 0`` or a schedule.
         mask: a pytree of booleans (or a callable ``params -> pytree``) selecting the
             parameters to decay; ``None`` decays all of them.
@@ -137,10 +145,10 @@ def lion(
     """
     _checks.learning_rate("lion", learning_rate)
     _checks.mask("lion", "mask", mask)
-    _check_lion("lion", b1, b2, mu_dtype)
+    _check_lion("lion", b1, b2, mu_dtype, state_dtype)
     _checks.non_negative("lion", "weight_decay", weight_decay, schedule_ok=True)
     return chain(
-        scale_by_lion(b1, b2, mu_dtype),
+        scale_by_lion(b1, b2, mu_dtype, state_dtype=state_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

@@ -21,15 +21,15 @@ from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
-def _check_qhadam(owner: str, b1, b2, nu1, nu2, eps, mu_dtype) -> None:
-    _check_adam(owner, b1, b2, eps, 0.0, mu_dtype)
+def _check_qhadam(owner: str, b1, b2, nu1, nu2, eps, mu_dtype, state_dtype) -> None:
+    _check_adam(owner, b1, b2, eps, 0.0, mu_dtype, state_dtype=state_dtype)
     _checks.number(owner, "nu1", nu1, low=0.0, high=1.0)
     _checks.number(owner, "nu2", nu2, low=0.0, high=1.0)
 
 
-def _check_qhadam_alias(owner: str, learning_rate, b1, b2, nu1, nu2, eps, weight_decay, mu_dtype) -> None:
+def _check_qhadam_alias(owner: str, learning_rate, b1, b2, nu1, nu2, eps, weight_decay, mu_dtype, state_dtype) -> None:
     _checks.learning_rate(owner, learning_rate)
-    _check_qhadam(owner, b1, b2, nu1, nu2, eps, mu_dtype)
+    _check_qhadam(owner, b1, b2, nu1, nu2, eps, mu_dtype, state_dtype)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
 
 
@@ -41,6 +41,7 @@ def scale_by_qhadam(
     eps: float = 1e-8,
     *,
     mu_dtype=None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by quasi-hyperbolic Adam.
 
@@ -67,6 +68,8 @@ def scale_by_qhadam(
         nu2: immediate discount of the second moment, in ``[0, 1]``.
         eps: added to the denominator, ``> 0`` (as for :func:`scale_by_adam`; qhoptim also accepts 0).
         mu_dtype: dtype of the first moment; ``None`` means the parameter's dtype.
+        state_dtype: storage of every moment whose own ``mu_dtype`` is ``None``: a floating dtype
+            or ``gradtx.Quantized8bit()``; ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is Adam's, :class:`ScaleByAdamState`: QHAdam
@@ -82,10 +85,11 @@ def scale_by_qhadam(
     References:
         Ma & Yarats, 2019. Quasi-hyperbolic momentum and Adam for deep learning, https://arxiv.org/abs/1810.06801
     """
-    _check_qhadam("scale_by_qhadam", b1, b2, nu1, nu2, eps, mu_dtype)
+    _check_qhadam("scale_by_qhadam", b1, b2, nu1, nu2, eps, mu_dtype, state_dtype)
 
     def init(params):
-        return ScaleByAdamState(count=tree.zero_count(), mu=tree.zeros_like(params, mu_dtype), nu=tree.zeros_like(params))
+        mu = tree.moment_zeros_like(params, tree.resolve_storage(mu_dtype, state_dtype), signed=True)
+        return ScaleByAdamState(count=tree.zero_count(), mu=mu, nu=tree.moment_zeros_like(params, state_dtype, signed=False))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -93,11 +97,11 @@ def scale_by_qhadam(
 
         def per_leaf(g, m_prev, v_prev):
             g_wide = tree.at_least_float32(g)
-            m = b1 * tree.at_least_float32(m_prev) + (1 - b1) * g_wide
-            v = b2 * tree.real_at_least_float32(v_prev) + (1 - b2) * tree.abs_sq(g_wide)
+            m = b1 * tree.load(m_prev) + (1 - b1) * g_wide
+            v = b2 * jnp.real(tree.load(v_prev)) + (1 - b2) * tree.abs_sq(g_wide)
             numerator = quasi_hyperbolic_average(g_wide, tree.debias(m, b1, count), nu1)
             denominator = jnp.sqrt(quasi_hyperbolic_average(tree.abs_sq(g_wide), tree.debias(v, b2, count), nu2)) + eps
-            return (numerator / denominator).astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
+            return (numerator / denominator).astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
         updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
@@ -116,6 +120,7 @@ def qhadam(
     mask: Any = None,
     *,
     mu_dtype=None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Quasi-hyperbolic Adam (QHAdam), as in qhoptim's ``QHAdam``.
 
@@ -134,6 +139,8 @@ def qhadam(
         weight_decay: the coupled L2 coefficient ``lambda >= 0`` (float or schedule).
         mask: which parameters to decay: a pytree of booleans or a callable ``params -> pytree``.
         mu_dtype: dtype of the first moment; ``None`` means the parameter's dtype.
+        state_dtype: storage of every moment whose own ``mu_dtype`` is ``None``: a floating dtype
+            or ``gradtx.Quantized8bit()``; ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation``: ``chain(add_decayed_weights, scale_by_qhadam, scale_by_learning_rate)``.
@@ -147,11 +154,11 @@ def qhadam(
     References:
         Ma & Yarats, 2019. Quasi-hyperbolic momentum and Adam for deep learning, https://arxiv.org/abs/1810.06801
     """
-    _check_qhadam_alias("qhadam", learning_rate, b1, b2, nu1, nu2, eps, weight_decay, mu_dtype)
+    _check_qhadam_alias("qhadam", learning_rate, b1, b2, nu1, nu2, eps, weight_decay, mu_dtype, state_dtype)
     _checks.mask("qhadam", "mask", mask)
     return chain(
         add_decayed_weights(weight_decay, mask),
-        scale_by_qhadam(b1, b2, nu1, nu2, eps, mu_dtype=mu_dtype),
+        scale_by_qhadam(b1, b2, nu1, nu2, eps, mu_dtype=mu_dtype, state_dtype=state_dtype),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -167,6 +174,7 @@ def qhadamw(
     mask: Any = None,
     *,
     mu_dtype=None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""QHAdam with decoupled weight decay, as qhoptim's ``QHAdamW``; see :func:`qhadam`.
 
@@ -178,7 +186,7 @@ def qhadamw(
     and Optax's ``adamw``. The default ``weight_decay = 1e-4`` is ``adamw``'s (qhoptim's is 0).
 
     Args:
-        learning_rate, b1, b2, nu1, nu2, eps, mask, mu_dtype: see :func:`qhadam`.
+        learning_rate, b1, b2, nu1, nu2, eps, mask, mu_dtype, state_dtype: see :func:`qhadam`.
         weight_decay: the decoupled decay ``lambda >= 0`` (float or schedule).
 
     Returns:
@@ -193,10 +201,10 @@ def qhadamw(
 
         Loshchilov & Hutter, 2019. Decoupled weight decay regularization, https://arxiv.org/abs/1711.05101
     """
-    _check_qhadam_alias("qhadamw", learning_rate, b1, b2, nu1, nu2, eps, weight_decay, mu_dtype)
+    _check_qhadam_alias("qhadamw", learning_rate, b1, b2, nu1, nu2, eps, weight_decay, mu_dtype, state_dtype)
     _checks.mask("qhadamw", "mask", mask)
     return chain(
-        scale_by_qhadam(b1, b2, nu1, nu2, eps, mu_dtype=mu_dtype),
+        scale_by_qhadam(b1, b2, nu1, nu2, eps, mu_dtype=mu_dtype, state_dtype=state_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

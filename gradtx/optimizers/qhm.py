@@ -15,6 +15,7 @@ import jax
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -42,10 +43,11 @@ def quasi_hyperbolic_average(current: jax.Array, average: jax.Array, nu: Any) ->
     return (1 - nu) * current + nu * average
 
 
-def _check_qhm(owner: str, momentum, nu, accumulator_dtype) -> None:
+def _check_qhm(owner: str, momentum, nu, accumulator_dtype, state_dtype=None) -> None:
     _checks.decay_rate(owner, "momentum", momentum)
     _checks.number(owner, "nu", nu, low=0.0, high=1.0)
-    _checks.dtype(owner, "accumulator_dtype", accumulator_dtype)
+    check_storage(owner, "accumulator_dtype", accumulator_dtype)
+    check_storage(owner, "state_dtype", state_dtype)
 
 
 class ScaleByQHMState(NamedTuple):
@@ -54,7 +56,9 @@ class ScaleByQHMState(NamedTuple):
     trace: Any
 
 
-def scale_by_qhm(momentum: float = 0.999, nu: float = 0.7, *, accumulator_dtype=None) -> GradientTransformation:
+def scale_by_qhm(
+    momentum: float = 0.999, nu: float = 0.7, *, accumulator_dtype=None, state_dtype: Any = None
+) -> GradientTransformation:
     r"""Rescale updates by quasi-hyperbolic momentum.
 
     .. math::
@@ -68,6 +72,8 @@ def scale_by_qhm(momentum: float = 0.999, nu: float = 0.7, *, accumulator_dtype=
         momentum: the momentum decay ``beta`` in ``[0, 1)``.
         nu: the immediate discount factor in ``[0, 1]``: ``0`` is plain SGD, ``1`` dampened momentum.
         accumulator_dtype: dtype of the momentum buffer; ``None`` means the parameter's dtype.
+        state_dtype: storage of the momentum buffer when ``accumulator_dtype`` is ``None``: a
+            floating dtype or ``gradtx.Quantized8bit()`` (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByQHMState`.
@@ -81,15 +87,16 @@ def scale_by_qhm(momentum: float = 0.999, nu: float = 0.7, *, accumulator_dtype=
     References:
         Ma & Yarats, 2019. Quasi-hyperbolic momentum and Adam for deep learning, https://arxiv.org/abs/1810.06801
     """
-    _check_qhm("scale_by_qhm", momentum, nu, accumulator_dtype)
+    _check_qhm("scale_by_qhm", momentum, nu, accumulator_dtype, state_dtype)
+    storage = tree.resolve_storage(accumulator_dtype, state_dtype)
 
     def init(params):
-        return ScaleByQHMState(trace=tree.zeros_like(params, accumulator_dtype))
+        return ScaleByQHMState(trace=tree.moment_zeros_like(params, storage, signed=True))
 
     def per_leaf(g, m_prev):
         g_wide = tree.at_least_float32(g)
-        m = momentum * tree.at_least_float32(m_prev) + (1 - momentum) * g_wide
-        return quasi_hyperbolic_average(g_wide, m, nu).astype(g.dtype), m.astype(m_prev.dtype)
+        m = momentum * tree.load(m_prev) + (1 - momentum) * g_wide
+        return quasi_hyperbolic_average(g_wide, m, nu).astype(g.dtype), tree.store(m, m_prev)
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -107,6 +114,7 @@ def qhm(
     mask: Any = None,
     *,
     accumulator_dtype=None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Quasi-hyperbolic momentum (QHM), as in qhoptim's ``QHM``.
 
@@ -129,6 +137,8 @@ def qhm(
         weight_decay: the coupled L2 coefficient ``lambda >= 0`` (float or schedule).
         mask: which parameters to decay: a pytree of booleans or a callable ``params -> pytree``.
         accumulator_dtype: dtype of the momentum buffer; ``None`` means the parameter's dtype.
+        state_dtype: storage of the momentum buffer when ``accumulator_dtype`` is ``None``: a
+            floating dtype or ``gradtx.Quantized8bit()`` (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation``: ``chain(add_decayed_weights, scale_by_qhm, scale_by_learning_rate)``.
@@ -144,11 +154,10 @@ def qhm(
     """
     _checks.learning_rate("qhm", learning_rate)
     _checks.mask("qhm", "mask", mask)
-    _check_qhm("qhm", momentum, nu, accumulator_dtype)
+    _check_qhm("qhm", momentum, nu, accumulator_dtype, state_dtype)
     _checks.non_negative("qhm", "weight_decay", weight_decay, schedule_ok=True)
     return chain(
         add_decayed_weights(weight_decay, mask),
-        scale_by_qhm(momentum, nu, accumulator_dtype=accumulator_dtype),
+        scale_by_qhm(momentum, nu, accumulator_dtype=accumulator_dtype, state_dtype=state_dtype),
         scale_by_learning_rate(learning_rate),
     )
-

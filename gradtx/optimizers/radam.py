@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +22,7 @@ def scale_by_radam(
     threshold: float = 5.0,
     *,
     nesterov: bool = False,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by Rectified Adam: momentum SGD until the second moment is reliable, then rectified Adam.
 
@@ -50,6 +53,8 @@ def scale_by_radam(
         eps_root: added inside the square root (``>= 0``).
         threshold: the value of :math:`\rho_t` from which the adaptive step is used.
         nesterov: use Nesterov's look-ahead first moment.
+        state_dtype: storage of every moment: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`gradtx.ScaleByAdamState`.
@@ -65,13 +70,14 @@ def scale_by_radam(
         Liu et al., 2020. On the Variance of the Adaptive Learning Rate and Beyond, https://arxiv.org/abs/1908.03265
     """
     owner = "scale_by_radam"
-    _check_adam(owner, b1, b2, eps, eps_root)
+    _check_adam(owner, b1, b2, eps, eps_root, state_dtype=state_dtype)
     _checks.number(owner, "threshold", threshold)
     _checks.one_of(owner, "nesterov", nesterov, (False, True))
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
     def init(params):
-        return ScaleByAdamState(count=tree.zero_count(), mu=tree.zeros_like(params), nu=tree.zeros_like(params))
+        mu = tree.moment_zeros_like(params, state_dtype, signed=True)
+        return ScaleByAdamState(count=tree.zero_count(), mu=mu, nu=tree.moment_zeros_like(params, state_dtype, signed=False))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -87,12 +93,12 @@ def scale_by_radam(
 
         def per_leaf(g, m_prev, v_prev):
             g_wide = tree.at_least_float32(g)
-            m = tree.ema_update(g_wide, m_prev, b1)
-            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(v_prev), b2)
+            m = tree.ema_update(g_wide, tree.load(m_prev), b1)
+            v = tree.ema_update(tree.abs_sq(g_wide), jnp.real(tree.load(v_prev)), b2)
             m_hat = _debiased_first_moment(g_wide, m, b1, c1, c1_next, nesterov)
             v_hat = v / c2
             u = jnp.where(rectify, r.astype(m_hat.dtype) * m_hat / (jnp.sqrt(v_hat + eps_root) + eps), m_hat)
-            return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
         updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
@@ -109,6 +115,7 @@ def radam(
     threshold: float = 5.0,
     *,
     nesterov: bool = False,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The Rectified Adam optimizer: :func:`scale_by_radam` followed by the (negative) learning rate.
 
@@ -118,7 +125,7 @@ def radam(
 
     Args:
         learning_rate: a float ``>= 0`` or a schedule ``count -> lr``.
-        b1, b2, eps, eps_root, threshold, nesterov: see :func:`scale_by_radam`.
+        b1, b2, eps, eps_root, threshold, nesterov, state_dtype: see :func:`scale_by_radam`.
 
     Returns:
         A ``GradientTransformation``: ``chain(scale_by_radam, scale_by_learning_rate)``.
@@ -132,9 +139,9 @@ def radam(
     """
     _checks.learning_rate("radam", learning_rate)
     _checks.boolean("radam", "nesterov", nesterov)
-    _check_adam("radam", b1, b2, eps, eps_root)
+    _check_adam("radam", b1, b2, eps, eps_root, state_dtype=state_dtype)
     _checks.number("radam", "threshold", threshold)
     return chain(
-        scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov),
+        scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov, state_dtype=state_dtype),
         scale_by_learning_rate(learning_rate),
     )

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import centralize, scale_by_learning_rate
 from gradtx.wrappers.lookahead import lookahead_wrapper
@@ -68,7 +69,8 @@ def _rectification(count: jax.Array, b1, b2, threshold) -> tuple[jax.Array, jax.
     return rectified, jnp.where(rectified, rectified_step, 1 / first_correction)
 
 
-def _check_ranger_radam(owner: str, b1, b2, eps, threshold) -> None:
+def _check_ranger_radam(owner: str, b1, b2, eps, threshold, state_dtype) -> None:
+    check_storage(owner, "state_dtype", state_dtype)
     _checks.decay_rate(owner, "b1", b1)
     _checks.number(owner, "b2", b2, low=0.0, high=1.0, low_open=True, high_open=True)
     _checks.positive(owner, "eps", eps)
@@ -76,7 +78,7 @@ def _check_ranger_radam(owner: str, b1, b2, eps, threshold) -> None:
 
 
 def scale_by_ranger_radam(
-    b1: float = 0.95, b2: float = 0.999, eps: float = 1e-5, threshold: float = 5.0
+    b1: float = 0.95, b2: float = 0.999, eps: float = 1e-5, threshold: float = 5.0, *, state_dtype: Any = None
 ) -> GradientTransformation:
     r"""Rectified Adam as the Ranger reference computes it (the step inside :func:`ranger`).
 
@@ -111,6 +113,8 @@ def scale_by_ranger_radam(
         b2: decay of the second-moment EMA, in ``(0, 1)``.
         eps: added to :math:`\sqrt{v_t}`, ``> 0`` (Ranger's default 1e-5).
         threshold: the reference's ``N_sma_threshhold``; rectified steps need :math:`\rho_t` above it.
+        state_dtype: storage of every moment: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByRangerRAdamState`.
@@ -128,10 +132,13 @@ def scale_by_ranger_radam(
         Wright, 2019. Ranger - a synergistic optimizer, https://github.com/lessw2020/Ranger-Deep-Learning-Optimizer
     """
     owner = "scale_by_ranger_radam"
-    _check_ranger_radam(owner, b1, b2, eps, threshold)
+    _check_ranger_radam(owner, b1, b2, eps, threshold, state_dtype)
 
     def init(params):
-        return ScaleByRangerRAdamState(count=tree.zero_count(), mu=tree.zeros_like(params), nu=tree.zeros_like(params))
+        mu = tree.moment_zeros_like(params, state_dtype, signed=True)
+        return ScaleByRangerRAdamState(
+            count=tree.zero_count(), mu=mu, nu=tree.moment_zeros_like(params, state_dtype, signed=False)
+        )
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -140,11 +147,11 @@ def scale_by_ranger_radam(
 
         def per_leaf(g, m_prev, v_prev):
             g_wide = tree.at_least_float32(g)
-            m = b1 * tree.at_least_float32(m_prev) + (1 - b1) * g_wide
-            v = b2 * tree.real_at_least_float32(v_prev) + (1 - b2) * tree.abs_sq(g_wide)
+            m = b1 * tree.load(m_prev) + (1 - b1) * g_wide
+            v = b2 * jnp.real(tree.load(v_prev)) + (1 - b2) * tree.abs_sq(g_wide)
             direction = jnp.where(rectified, m / (jnp.sqrt(v) + eps), m)
             u = step_size.astype(direction.real.dtype) * direction
-            return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
         updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByRangerRAdamState(count=count, mu=mu, nu=nu)
@@ -164,6 +171,7 @@ def ranger(
     use_gc: bool = True,
     *,
     mask: Any | Callable[[Any], Any] | None = None,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Ranger: Lookahead over Ranger's Rectified Adam, with gradient centralization and weight decay.
 
@@ -199,6 +207,8 @@ def ranger(
             ``pytorch_ranger.Ranger``).
         mask: a pytree of booleans (or a callable ``params -> pytree``) selecting the
             parameters to decay; ``None`` decays all of them.
+        state_dtype: storage of RAdam's two moments (see :func:`scale_by_ranger_radam`); the
+            slow weights stay in the parameters' dtype (they are weights, not statistics).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`gradtx.LookaheadState` around
@@ -220,14 +230,14 @@ def ranger(
     owner = "ranger"
     _checks.learning_rate(owner, learning_rate)
     _checks.mask("ranger", "mask", mask)
-    _check_ranger_radam(owner, b1, b2, eps, threshold)
+    _check_ranger_radam(owner, b1, b2, eps, threshold, state_dtype)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
     _checks.positive_int(owner, "sync_period", sync_period)
     _checks.number(owner, "slow_step_size", slow_step_size, low=0.0, high=1.0, low_open=True)
     _checks.one_of(owner, "use_gc", use_gc, (False, True))
     fast = chain(
         centralize() if use_gc else identity(),
-        scale_by_ranger_radam(b1, b2, eps, threshold),
+        scale_by_ranger_radam(b1, b2, eps, threshold, state_dtype=state_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.momentum import trace
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -29,7 +30,8 @@ class ScaleByRStdDevState(NamedTuple):
     nu: Any
 
 
-def _check_rms(owner: str, decay, eps, initial_scale, eps_in_sqrt, bias_correction) -> None:
+def _check_rms(owner: str, decay, eps, initial_scale, eps_in_sqrt, bias_correction, state_dtype) -> None:
+    check_storage(owner, "state_dtype", state_dtype)
     _checks.decay_rate(owner, "decay", decay)
     _checks.non_negative(owner, "eps", eps)
     _checks.non_negative(owner, "initial_scale", initial_scale)
@@ -42,16 +44,14 @@ def _inverse_rms(mean_square: jax.Array, eps, eps_in_sqrt: bool) -> jax.Array:
     return jax.lax.rsqrt(mean_square + eps) if eps_in_sqrt else 1 / (jnp.sqrt(mean_square) + eps)
 
 
-def _filled(params: Any, value) -> Any:
-    return jax.tree.map(lambda z: z + value, tree.zeros_like(params))
-
-
 def scale_by_rms(
     decay: float = 0.9,
     eps: float = 1e-8,
     initial_scale: float = 0.0,
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by the root of a moving average of squared gradients (RMSProp).
 
@@ -73,6 +73,8 @@ def scale_by_rms(
         eps_in_sqrt: add :math:`\epsilon` inside the square root (Optax's default) rather
             than outside it (PyTorch's).
         bias_correction: divide :math:`v_t` by :math:`1 - \rho^t`.
+        state_dtype: storage of the moments: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter's dtype.
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByRmsState`.
@@ -87,10 +89,12 @@ def scale_by_rms(
         Hinton, 2012. Neural Networks for Machine Learning, Lecture 6e,
         https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
     """
-    _check_rms("scale_by_rms", decay, eps, initial_scale, eps_in_sqrt, bias_correction)
+    _check_rms("scale_by_rms", decay, eps, initial_scale, eps_in_sqrt, bias_correction, state_dtype)
 
     def init(params):
-        return ScaleByRmsState(count=tree.zero_count(), nu=_filled(params, initial_scale))
+        return ScaleByRmsState(
+            count=tree.zero_count(), nu=tree.moment_full_like(params, initial_scale, state_dtype, signed=False)
+        )
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -99,9 +103,9 @@ def scale_by_rms(
 
         def per_leaf(g, v_prev):
             g_wide = tree.at_least_float32(g)
-            v = (1 - decay) * tree.abs_sq(g_wide) + decay * tree.real_at_least_float32(v_prev)
+            v = (1 - decay) * tree.abs_sq(g_wide) + decay * jnp.real(tree.load(v_prev))
             v_hat = v / correction if bias_correction else v
-            return (_inverse_rms(v_hat, eps, eps_in_sqrt) * g_wide).astype(g.dtype), v.astype(v_prev.dtype)
+            return (_inverse_rms(v_hat, eps, eps_in_sqrt) * g_wide).astype(g.dtype), tree.store(v, v_prev)
 
         updates, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.nu), updates, 2)
         return updates, ScaleByRmsState(count=count, nu=nu)
@@ -115,6 +119,8 @@ def scale_by_stddev(
     initial_scale: float = 0.0,
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by a moving estimate of the gradients' standard deviation (centered RMSProp).
 
@@ -129,7 +135,7 @@ def scale_by_stddev(
     counter.
 
     Args:
-        decay, eps, initial_scale, eps_in_sqrt, bias_correction: see :func:`scale_by_rms`
+        decay, eps, initial_scale, eps_in_sqrt, bias_correction, state_dtype: see :func:`scale_by_rms`
             (``initial_scale`` initialises :math:`v` only; :math:`m_0 = 0`).
 
     Returns:
@@ -143,10 +149,13 @@ def scale_by_stddev(
     References:
         Graves, 2013. Generating Sequences With Recurrent Neural Networks, https://arxiv.org/abs/1308.0850
     """
-    _check_rms("scale_by_stddev", decay, eps, initial_scale, eps_in_sqrt, bias_correction)
+    _check_rms("scale_by_stddev", decay, eps, initial_scale, eps_in_sqrt, bias_correction, state_dtype)
 
     def init(params):
-        return ScaleByRStdDevState(count=tree.zero_count(), mu=tree.zeros_like(params), nu=_filled(params, initial_scale))
+        mu = tree.moment_zeros_like(params, state_dtype, signed=True)
+        return ScaleByRStdDevState(
+            count=tree.zero_count(), mu=mu, nu=tree.moment_full_like(params, initial_scale, state_dtype, signed=False)
+        )
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -155,11 +164,11 @@ def scale_by_stddev(
 
         def per_leaf(g, m_prev, v_prev):
             g_wide = tree.at_least_float32(g)
-            m = (1 - decay) * g_wide + decay * tree.at_least_float32(m_prev)
-            v = (1 - decay) * tree.abs_sq(g_wide) + decay * tree.real_at_least_float32(v_prev)
+            m = (1 - decay) * g_wide + decay * tree.load(m_prev)
+            v = (1 - decay) * tree.abs_sq(g_wide) + decay * jnp.real(tree.load(v_prev))
             m_hat, v_hat = (m / correction, v / correction) if bias_correction else (m, v)
             u = _inverse_rms(v_hat - tree.abs_sq(m_hat), eps, eps_in_sqrt) * g_wide
-            return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
         updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByRStdDevState(count=count, mu=mu, nu=nu)
@@ -177,6 +186,8 @@ def rmsprop(
     momentum: float | None = None,
     nesterov: bool = False,
     bias_correction: bool = False,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The RMSProp optimizer, plain or centered, with optional (Nesterov) momentum.
 
@@ -194,6 +205,8 @@ def rmsprop(
         centered: divide by the standard deviation rather than the root mean square.
         momentum: momentum in ``[0, 1]`` applied after the learning rate, or ``None``.
         nesterov: use Nesterov's look-ahead momentum (ignored when ``momentum is None``).
+        state_dtype: storage of every moment (mean square, mean, momentum): a floating dtype or
+            ``gradtx.Quantized8bit()``; ``None`` means the parameter's dtype.
 
     Returns:
         A ``GradientTransformation``:
@@ -211,14 +224,14 @@ def rmsprop(
     """
     owner = "rmsprop"
     _checks.learning_rate(owner, learning_rate)
-    _check_rms(owner, decay, eps, initial_scale, eps_in_sqrt, bias_correction)
+    _check_rms(owner, decay, eps, initial_scale, eps_in_sqrt, bias_correction, state_dtype)
     _checks.one_of(owner, "centered", centered, (False, True))
     if momentum is not None:
         _checks.number(owner, "momentum", momentum, low=0.0, high=1.0)
     _checks.one_of(owner, "nesterov", nesterov, (False, True))
     normalize = scale_by_stddev if centered else scale_by_rms
     return chain(
-        normalize(decay, eps, initial_scale, eps_in_sqrt, bias_correction),
+        normalize(decay, eps, initial_scale, eps_in_sqrt, bias_correction, state_dtype=state_dtype),
         scale_by_learning_rate(learning_rate),
-        identity() if momentum is None else trace(momentum, nesterov),
+        identity() if momentum is None else trace(momentum, nesterov, state_dtype),
     )

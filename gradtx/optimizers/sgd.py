@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradtx import _checks
+from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.momentum import trace
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -16,6 +17,8 @@ def sgd(
     momentum: float | None = None,
     nesterov: bool = False,
     accumulator_dtype: Any = None,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Stochastic gradient descent, optionally with momentum.
 
@@ -29,7 +32,9 @@ def sgd(
         learning_rate: :math:`\eta`, a float ``>= 0`` or a schedule ``count -> lr``.
         momentum: :math:`\mu` in ``[0, 1]``, or ``None`` for plain SGD (no momentum buffer).
         nesterov: use Nesterov's look-ahead momentum (ignored when ``momentum is None``, as in Optax).
-        accumulator_dtype: storage dtype of the momentum buffer; ``None`` means the parameter's dtype.
+        accumulator_dtype: storage of the momentum buffer: a floating dtype or
+            ``gradtx.Quantized8bit()``; ``None`` means the parameter's dtype.
+        state_dtype: the same, for every moment (SGD has one): used when ``accumulator_dtype`` is ``None``.
 
     Returns:
         A ``GradientTransformation``: ``chain(trace, scale_by_learning_rate)`` (``identity``
@@ -53,6 +58,8 @@ def sgd(
     if momentum is not None:
         _checks.number("sgd", "momentum", momentum, low=0.0, high=1.0)
     _checks.one_of("sgd", "nesterov", nesterov, (False, True))
-    _checks.dtype("sgd", "accumulator_dtype", accumulator_dtype)
-    accelerate = identity() if momentum is None else trace(momentum, nesterov, accumulator_dtype)
+    check_storage("sgd", "accumulator_dtype", accumulator_dtype)
+    check_storage("sgd", "state_dtype", state_dtype)
+    storage = tree.resolve_storage(accumulator_dtype, state_dtype)
+    accelerate = identity() if momentum is None else trace(momentum, nesterov, storage)
     return chain(accelerate, scale_by_learning_rate(learning_rate))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -18,6 +20,8 @@ def scale_by_yogi(
     eps: float = 1e-3,
     eps_root: float = 0.0,
     initial_accumulator_value: float = 1e-6,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by Yogi: the second moment moves by at most :math:`(1 - \beta_2) g_t^2` per step.
 
@@ -39,6 +43,8 @@ def scale_by_yogi(
         eps: added to the denominator outside the square root (``> 0``; the paper uses 1e-3).
         eps_root: added inside the square root (``>= 0``).
         initial_accumulator_value: the starting value of both moments (``>= 0``).
+        state_dtype: storage of every moment: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter dtype (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`gradtx.ScaleByAdamState`.
@@ -55,16 +61,14 @@ def scale_by_yogi(
         https://proceedings.neurips.cc/paper/2018/file/90365351ccc7437a1309dc64e4db32a3-Paper.pdf
     """
     owner = "scale_by_yogi"
-    _check_adam(owner, b1, b2, eps, eps_root)
+    _check_adam(owner, b1, b2, eps, eps_root, state_dtype=state_dtype)
     _checks.non_negative(owner, "initial_accumulator_value", initial_accumulator_value)
 
     def init(params):
-        def accumulator(zeros):
-            return (zeros + initial_accumulator_value).astype(zeros.dtype)
-
-        start = jax.tree.map(accumulator, tree.zeros_like(params))
         # Two distinct buffers: a donated state must not hold the same array twice.
-        return ScaleByAdamState(count=tree.zero_count(), mu=start, nu=jax.tree.map(jnp.copy, start))
+        mu = tree.moment_full_like(params, initial_accumulator_value, state_dtype, signed=True)
+        nu = tree.moment_full_like(params, initial_accumulator_value, state_dtype, signed=False)
+        return ScaleByAdamState(count=tree.zero_count(), mu=mu, nu=nu)
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -74,11 +78,11 @@ def scale_by_yogi(
         def per_leaf(g, m_prev, v_prev):
             g_wide = tree.at_least_float32(g)
             g_sq = tree.abs_sq(g_wide)
-            m = tree.ema_update(g_wide, m_prev, b1)
-            v = tree.real_at_least_float32(v_prev)
+            m = tree.ema_update(g_wide, tree.load(m_prev), b1)
+            v = jnp.real(tree.load(v_prev))
             v = v - (1 - b2) * jnp.sign(v - g_sq) * g_sq
             u = (m / c1) / (jnp.sqrt(v / c2 + eps_root) + eps)
-            return u.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
         updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
@@ -86,7 +90,9 @@ def scale_by_yogi(
     return GradientTransformation(init, update)
 
 
-def yogi(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-3) -> GradientTransformation:
+def yogi(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-3, *, state_dtype: Any = None
+) -> GradientTransformation:
     r"""The Yogi optimizer: :func:`scale_by_yogi` followed by the (negative) learning rate.
 
     .. math::
@@ -95,7 +101,7 @@ def yogi(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, ep
 
     Args:
         learning_rate: a float ``>= 0`` or a schedule ``count -> lr``.
-        b1, b2, eps: see :func:`scale_by_yogi` (``eps_root = 0`` and
+        b1, b2, eps, state_dtype: see :func:`scale_by_yogi` (``eps_root = 0`` and
             ``initial_accumulator_value = 1e-6``, as in Optax).
 
     Returns:
@@ -110,5 +116,5 @@ def yogi(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, ep
         https://proceedings.neurips.cc/paper/2018/file/90365351ccc7437a1309dc64e4db32a3-Paper.pdf
     """
     _checks.learning_rate("yogi", learning_rate)
-    _check_adam("yogi", b1, b2, eps, 0.0)
-    return chain(scale_by_yogi(b1, b2, eps), scale_by_learning_rate(learning_rate))
+    _check_adam("yogi", b1, b2, eps, 0.0, state_dtype=state_dtype)
+    return chain(scale_by_yogi(b1, b2, eps, state_dtype=state_dtype), scale_by_learning_rate(learning_rate))

@@ -1,7 +1,8 @@
 """Momentum building blocks: a heavy-ball trace and an exponential moving average of the updates.
 
-Both accumulate in at least float32 and store the accumulator in its state dtype, so that a
-bfloat16 accumulator does not lose the small increments; the updates keep the gradient's dtype.
+Both accumulate in at least float32 and store the accumulator in its state dtype (a float dtype
+or ``gradtx.Quantized8bit()``), so that a bfloat16 accumulator does not lose the small increments;
+the updates keep the gradient's dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation
+from gradtx.state.quantize import check_storage
 
 
 class TraceState(NamedTuple):
@@ -34,7 +36,8 @@ def trace(decay: float, nesterov: bool = False, accumulator_dtype: Any = None) -
     Args:
         decay: :math:`\mu`, the momentum, in ``[0, 1]``.
         nesterov: use Nesterov's look-ahead form.
-        accumulator_dtype: storage dtype of :math:`m`; ``None`` means the parameter's dtype.
+        accumulator_dtype: storage of :math:`m`: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter's dtype.
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`TraceState`.
@@ -56,19 +59,19 @@ def trace(decay: float, nesterov: bool = False, accumulator_dtype: Any = None) -
     """
     _checks.number("trace", "decay", decay, low=0.0, high=1.0)
     _checks.one_of("trace", "nesterov", nesterov, (False, True))
-    _checks.dtype("trace", "accumulator_dtype", accumulator_dtype)
+    check_storage("trace", "accumulator_dtype", accumulator_dtype)
 
     def init(params):
-        return TraceState(trace=tree.zeros_like(params, accumulator_dtype))
+        return TraceState(trace=tree.moment_zeros_like(params, accumulator_dtype, signed=True))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
 
         def per_leaf(g, m_prev):
             g_wide = tree.at_least_float32(g)
-            m = g_wide + decay * tree.at_least_float32(m_prev)
+            m = g_wide + decay * tree.load(m_prev)
             u = g_wide + decay * m if nesterov else m
-            return u.astype(g.dtype), m.astype(m_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev)
 
         updates, momentum = tree.unzip(jax.tree.map(per_leaf, updates, state.trace), updates, 2)
         return updates, TraceState(trace=momentum)
@@ -96,7 +99,8 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: Any = None) -> Gra
     Args:
         decay: :math:`\mu`, in ``[0, 1)``.
         debias: divide by :math:`1 - \mu^t`.
-        accumulator_dtype: storage dtype of :math:`m`; ``None`` means the parameter's dtype.
+        accumulator_dtype: storage of :math:`m`: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameter's dtype.
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`EmaState`.
@@ -112,10 +116,10 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: Any = None) -> Gra
     """
     _checks.decay_rate("ema", "decay", decay)
     _checks.one_of("ema", "debias", debias, (False, True))
-    _checks.dtype("ema", "accumulator_dtype", accumulator_dtype)
+    check_storage("ema", "accumulator_dtype", accumulator_dtype)
 
     def init(params):
-        return EmaState(count=tree.zero_count(), ema=tree.zeros_like(params, accumulator_dtype))
+        return EmaState(count=tree.zero_count(), ema=tree.moment_zeros_like(params, accumulator_dtype, signed=True))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -123,9 +127,9 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: Any = None) -> Gra
         correction = tree.bias_correction(decay, count)
 
         def per_leaf(g, m_prev):
-            m = (1 - decay) * tree.at_least_float32(g) + decay * tree.at_least_float32(m_prev)
+            m = (1 - decay) * tree.at_least_float32(g) + decay * tree.load(m_prev)
             u = m / correction if debias else m
-            return u.astype(g.dtype), m.astype(m_prev.dtype)
+            return u.astype(g.dtype), tree.store(m, m_prev)
 
         updates, average = tree.unzip(jax.tree.map(per_leaf, updates, state.ema), updates, 2)
         return updates, EmaState(count=count, ema=average)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation
 from gradtx.combine import MaskedNode
+from gradtx.state.quantize import check_storage
 
 
 class LookaheadState(NamedTuple):
@@ -34,6 +35,7 @@ def lookahead_wrapper(
     slow_step_size: float = 0.5,
     *,
     reset_state: bool = False,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Lookahead around any optimizer, with the slow weights kept in the state.
 
@@ -49,8 +51,9 @@ def lookahead_wrapper(
     synchronization step is :math:`\phi_{new} - w_t` (so that ``apply_updates`` lands on the
     new slow weights, to rounding), and the inner update otherwise. The updates must therefore
     be applied unchanged. The slow weights start as the parameters passed to the first
-    ``update`` (so ``init`` works on ``jax.ShapeDtypeStruct`` parameters too); they keep the
-    parameters' dtype. The inner state carries over a synchronization, as in the paper and in
+    ``update`` (so ``init`` works on ``jax.ShapeDtypeStruct`` parameters too); they are stored
+    in the parameters' dtype unless ``state_dtype`` says otherwise, and computed on in at
+    least float32. The inner state carries over a synchronization, as in the paper and in
     the Ranger reference, unless ``reset_state``.
 
     Args:
@@ -59,6 +62,9 @@ def lookahead_wrapper(
         slow_step_size: :math:`\alpha`, in ``(0, 1]`` (``1`` recovers the inner optimizer).
         reset_state: re-initialize the inner state after each synchronization (as Optax's
             ``reset_state``).
+        state_dtype: storage of the slow weights: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means the parameters' dtype. 8-bit slow weights round the weights
+            themselves (to ~1% of each block's largest weight): measure before using it.
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`LookaheadState`.
@@ -83,9 +89,11 @@ def lookahead_wrapper(
     _checks.positive_int(owner, "sync_period", sync_period)
     _checks.number(owner, "slow_step_size", slow_step_size, low=0.0, high=1.0, low_open=True)
     _checks.one_of(owner, "reset_state", reset_state, (False, True))
+    check_storage(owner, "state_dtype", state_dtype)
 
     def init(params):
-        return LookaheadState(inner_state=inner.init(params), slow_params=tree.zeros_like(params), count=tree.zero_count())
+        slow_params = tree.moment_zeros_like(params, state_dtype, signed=True)
+        return LookaheadState(inner_state=inner.init(params), slow_params=slow_params, count=tree.zero_count())
 
     def update(updates, state, params=None, **extra_args):
         if params is None:
@@ -95,12 +103,12 @@ def lookahead_wrapper(
         synchronize = count % sync_period == 0
         first_update = state.count == 0
 
-        def slow_weights(w, phi):
-            return jnp.where(first_update, w, phi)
+        def slow_weights(w, stored):
+            return jnp.where(first_update, tree.at_least_float32(w), tree.load(stored))
 
         def next_slow_weights(u, w, phi):
             fast = (w + u).astype(w.dtype)
-            return jnp.where(synchronize, phi + slow_step_size * (fast - phi), phi).astype(phi.dtype)
+            return jnp.where(synchronize, phi + slow_step_size * (fast - phi), phi)
 
         def lookahead_update(u, w, phi):
             return jnp.where(synchronize, phi - w, u).astype(u.dtype)
@@ -110,9 +118,17 @@ def lookahead_wrapper(
         updates = jax.tree.map(lookahead_update, fast_updates, params, slow)
         if reset_state:
             inner_state = jax.tree.map(lambda fresh, old: jnp.where(synchronize, fresh, old), inner.init(params), inner_state)
+        # Between synchronizations the stored slow weights are kept as they are, not re-stored:
+        # re-quantizing an 8-bit block whose absmax is negative would drift (the code has no -1).
+        changed = synchronize | first_update
+        slow = jax.tree.map(lambda phi, stored: _keep_unless(changed, tree.store(phi, stored), stored), slow, state.slow_params)
         return updates, LookaheadState(inner_state=inner_state, slow_params=slow, count=count)
 
     return GradientTransformation(init, update)
+
+
+def _keep_unless(condition: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
 def lookahead_slow_params(state: Any, params: Any) -> Any:
@@ -151,8 +167,8 @@ def lookahead_slow_params(state: Any, params: Any) -> Any:
         raise ValueError(f"lookahead_slow_params: state must contain exactly one LookaheadState, found {len(found)}")
     lookahead = found[0]
     return jax.tree.map(
-        lambda phi, w: w if isinstance(phi, MaskedNode) else jnp.where(lookahead.count == 0, w, phi),
+        lambda phi, w: w if isinstance(phi, MaskedNode) else jnp.where(lookahead.count == 0, w, tree.load(phi).astype(w.dtype)),
         lookahead.slow_params,
         params,
-        is_leaf=lambda x: isinstance(x, MaskedNode),
+        is_leaf=lambda x: isinstance(x, MaskedNode) or tree.is_quantized(x),
     )
