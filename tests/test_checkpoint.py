@@ -84,10 +84,13 @@ WRAPPERS = (
     Case("reduce_on_plateau", lambda: gradtx.chain(gradtx.adam(0.05), gradtx.reduce_on_plateau(factor=0.5, patience=1))),
     Case("accumulate_gradients(lamb)", lambda: gradtx.accumulate_gradients(gradtx.lamb(0.05), every_k_schedule=2)),
 )
-if hasattr(gradtx, "Quantized8bit"):
-    # Small blocks so that these small parameters are quantized too (codes uint8, scales float32).
-    _8BIT = gradtx.Quantized8bit(block_size=4, min_size=4)
-    WRAPPERS += (Case("adamw(8-bit states)", lambda: gradtx.adamw(0.05, state_dtype=_8BIT)),)
+# 8-bit states: small blocks so that these small parameters are quantized too (codes uint8, scales float32).
+_8BIT = gradtx.Quantized8bit(block_size=4, min_size=4)
+WRAPPERS += (
+    Case("adamw(8-bit states)", lambda: gradtx.adamw(0.05, state_dtype=_8BIT)),
+    Case("sgd(momentum, 8-bit)", lambda: gradtx.sgd(0.05, momentum=0.9, state_dtype=_8BIT)),
+    Case("lion(8-bit)", lambda: gradtx.lion(0.01, state_dtype=_8BIT)),
+)
 CASES = tuple(Case(entry.name, entry.make) for entry in ALL) + WRAPPERS
 
 
