@@ -260,6 +260,8 @@ def test_latest_step_step_selection_and_bad_arguments(tmp_path):
         checkpoint.save(tmp_path, -1, tree)
     with pytest.raises(TypeError, match=r"tree\['name'\] is a str, which cannot be checkpointed"):
         checkpoint.save(tmp_path, 6, {"name": "adam"})
+    with pytest.raises(TypeError, match=r"tree\['rng'\] is a typed PRNG key array .*jax.random.key_data"):
+        checkpoint.save(tmp_path, 6, {"rng": jax.random.key(0)})
 
 
 def test_stateless_optimizers_round_trip(tmp_path):

@@ -109,6 +109,11 @@ def _layout(owner: str, tree: Any) -> list[tuple[str, str, str]]:
             entries.append((path, "None", ""))
             return
         if _is_array_leaf(node):
+            if jax.dtypes.issubdtype(getattr(node, "dtype", None), jax.dtypes.prng_key):
+                raise TypeError(
+                    f"{owner}: tree{path or ' (the root)'} is a typed PRNG key array ({node.dtype}), which Orbax does not "
+                    f"store; checkpoint jax.random.key_data(key) and rebuild it with jax.random.wrap_key_data"
+                )
             entries.append((path, _describe_leaf(node), ""))
             return
         children, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda child: child is not node)
