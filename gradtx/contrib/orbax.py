@@ -166,7 +166,8 @@ def _abstract(leaf: Any) -> Any:
     """What Orbax should read a leaf back as: the target's dtype, shape and, for placed arrays, sharding."""
     if _placed(leaf):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-    return np.zeros(np.shape(leaf), _dtype(leaf))  # read to host, then placed like the target (below)
+    # A host template (np.empty: pages untouched until Orbax fills them); placed like the target afterwards.
+    return np.empty(np.shape(leaf), _dtype(leaf))
 
 
 def _like_target(restored: Any, leaf: Any) -> Any:
