@@ -18,6 +18,11 @@ gradtx optimizers:
   (``pcast`` to device-varying) copy of the parameters, and the gradients are averaged
   explicitly with ``jax.lax.pmean``.
 
+With ``--checkpoint-dir`` the ``jit`` runs are interrupted after ``SAVE_AT`` steps: every
+process saves ``(params, state)`` with ``gradtx.contrib.orbax`` into the same directory,
+restores it into freshly initialized replicated arrays, and trains on from there; the test
+compares those resumed runs with uninterrupted ones.
+
 The final parameters, optimizer state and per-step losses seen by this process are written
 to ``--out`` (``.npz``), so that the test can compare processes and runs leaf by leaf.
 """
@@ -25,9 +30,11 @@ to ``--out`` (``.npz``), so that the test can compare processes and runs leaf by
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 STEPS = 5
+SAVE_AT = 2
 GLOBAL_BATCH = 16
 FEATURES, HIDDEN = 6, 8
 OPTIMIZERS = {
@@ -46,6 +53,7 @@ def parse_args(argv):
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--port", type=int, help="the coordinator's port on localhost (with --num-processes > 1)")
     parser.add_argument("--timeout", type=int, default=60, help="seconds to wait for the other processes to join")
+    parser.add_argument("--checkpoint-dir", help="interrupt the jit runs: save, restore and resume (shared by all processes)")
     return parser.parse_args(argv)
 
 
@@ -116,7 +124,15 @@ def local(array):
     return np.asarray(array.addressable_data(0))
 
 
-def train(process_id: int, num_processes: int) -> dict:
+def save_and_restore(directory: str, step: int, params, state, fresh):
+    """Checkpoint ``(params, state)`` and read it back into the structure and shardings of ``fresh()``."""
+    from gradtx.contrib import orbax as checkpoint
+
+    checkpoint.save(directory, step, (params, state))
+    return checkpoint.restore(directory, fresh())
+
+
+def train(process_id: int, num_processes: int, checkpoint_dir: str | None = None) -> dict:
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
@@ -134,10 +150,16 @@ def train(process_id: int, num_processes: int) -> dict:
     for name, make in OPTIMIZERS.items():
         tx = make(gradtx)
         for style, step in make_steps(tx, mesh).items():
-            params = jax.jit(init_params, out_shardings=replicated)(jax.random.key(0))
-            state = jax.jit(tx.init, out_shardings=replicated)(params)
+
+            def fresh(tx=tx):
+                params = jax.jit(init_params, out_shardings=replicated)(jax.random.key(0))
+                return params, jax.jit(tx.init, out_shardings=replicated)(params)
+
+            params, state = fresh()
             losses = []
             for t in range(STEPS):
+                if checkpoint_dir and style == "jit" and t == SAVE_AT:
+                    params, state = save_and_restore(os.path.join(checkpoint_dir, name), t, params, state, fresh)
                 x = jax.make_array_from_process_local_data(batch_sharding, inputs[t, mine])
                 y = jax.make_array_from_process_local_data(batch_sharding, targets[t, mine])
                 params, state, loss = step(params, state, x, y)
@@ -168,7 +190,7 @@ def main(argv=None) -> int:
         f"process {jax.process_index()} of {jax.process_count()}: devices {jax.devices()}, local {jax.local_devices()}",
         file=sys.stderr,
     )
-    results = train(args.process_id, args.num_processes)
+    results = train(args.process_id, args.num_processes, args.checkpoint_dir)
     np.savez(args.out, **results)
     if args.num_processes > 1:
         jax.distributed.shutdown()

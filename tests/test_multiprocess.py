@@ -9,7 +9,8 @@ process with two local devices, and as one process with one device.
 What "identical" means here, and why:
 
 * two processes against one process with two devices: **bit-identical** (every leaf of the
-  parameters, the optimizer state and the losses). Both compile the same SPMD program over a
+  parameters, the optimizer state and the losses), also when the two processes save their
+  state with ``gradtx.contrib.orbax`` half way, restore it and train on (the ``jit`` runs). Both compile the same SPMD program over a
   two-device mesh; only the transport of the all-reduce differs, and an all-reduce of two
   operands is one addition, which is commutative.
 * against one process with one device: the gradient's batch mean is summed in another order
@@ -93,15 +94,19 @@ def _run_together(tmp_path, name: str, commands: list[list[str]], devices: int) 
 def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("multiprocess")
     port = _free_port()
+    resume = ["--checkpoint-dir", str(tmp_path / "checkpoints")]  # the jit runs of the two processes resume from Orbax
     ranks = [
-        ["--out", str(tmp_path / f"rank{i}.npz"), "--num-processes", "2", "--process-id", str(i), "--port", str(port)]
+        ["--out", str(tmp_path / f"rank{i}.npz"), "--num-processes", "2", "--process-id", str(i), "--port", str(port), *resume]
         for i in range(2)
     ]
     _run_together(tmp_path, "two processes", ranks, devices=1)
     _run_together(tmp_path, "one process, two devices", [["--out", str(tmp_path / "two_devices.npz")]], devices=2)
     _run_together(tmp_path, "one process, one device", [["--out", str(tmp_path / "one_device.npz")]], devices=1)
     names = ["rank0", "rank1", "two_devices", "one_device"]
-    return {name: dict(np.load(tmp_path / f"{name}.npz")) for name in names}
+    results = {name: dict(np.load(tmp_path / f"{name}.npz")) for name in names}
+    results["checkpoints"] = sorted(os.listdir(tmp_path / "checkpoints"))
+    results["checkpoint_steps"] = sorted(os.listdir(tmp_path / "checkpoints" / "adam"))
+    return results
 
 
 def test_both_processes_hold_the_same_replicated_results(runs):
@@ -112,6 +117,8 @@ def test_both_processes_hold_the_same_replicated_results(runs):
 
 
 def test_two_processes_equal_one_process_on_two_devices_bit_for_bit(runs):
+    # The two-process jit runs were saved, restored and resumed half way; the reference was not.
+    assert runs["checkpoints"] == ["adam", "lamb", "ranger"] and runs["checkpoint_steps"] == ["2"]
     distributed, local = runs["rank0"], runs["two_devices"]
     assert distributed.keys() == local.keys()
     for key in distributed:
