@@ -148,7 +148,17 @@ from gradtx.wrappers.schedule_free import (
     schedule_free_sgd,
 )
 
+# Scale-out: state placement on device meshes and ZeRO-1 state sharding.
+from gradtx.sharding.placement import abstract_state, device_bytes, state_shardings
+from gradtx.sharding.zero import zero1, zero1_dim
+
 __all__ = [
+    # sharding
+    "abstract_state",
+    "device_bytes",
+    "state_shardings",
+    "zero1",
+    "zero1_dim",
     # packed layout
     "Packed",
     "PackedLayout",

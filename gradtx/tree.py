@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.shard_alike import shard_alike
 
 from gradtx.base import ScalarOrSchedule
 from gradtx.state import quantize as _quantize
@@ -40,9 +41,13 @@ def canonical_dtype(dtype) -> Any:
 
 
 def zeros_like(tree: Any, dtype=None) -> Any:
-    """Zeros shaped like every leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``), in ``dtype`` or the leaf's dtype."""
+    """Zeros shaped like every leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``), in ``dtype`` or the leaf's dtype.
+
+    The zeros are placed like their leaf (see :func:`placed_zeros`): sharded like a sharded
+    parameter, also under ``jit`` on a mesh with ``Auto`` axes.
+    """
     dtype = canonical_dtype(dtype)
-    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype or x.dtype), tree)
+    return jax.tree.map(lambda x: placed_zeros(x, dtype or x.dtype), tree)
 
 
 def cast(tree: Any, dtype) -> Any:
@@ -248,3 +253,73 @@ def check_real_params(owner: str, params: Any) -> None:
                 f"parameters (it takes signs or clips ratios, undefined for complex numbers); "
                 f"optimize the real and imaginary parts as separate real leaves"
             )
+
+
+# Placement: state follows the sharding of the array it tracks.
+
+
+def placed_zeros(x: Any, dtype) -> jax.Array:
+    """Zeros of ``x``'s shape in ``dtype``, sharded like ``x``.
+
+    A concrete array or a ``ShapeDtypeStruct`` with a sharding lends its sharding directly.
+    Under ``jit`` a traced leaf carries its sharding in its type only for ``Explicit`` mesh
+    axes; with ``Auto`` axes the zeros (which do not depend on ``x``'s values) would be left
+    for XLA to place, and it puts them whole on one device. ``shard_alike`` puts them in one
+    sharding group with ``x``, so XLA's propagation gives them ``x``'s sharding. The
+    optimization barrier keeps the grouped zeros from being constant-folded into whatever the
+    caller computes from them (``zeros + initial_value`` would otherwise lose the group).
+    """
+    zeros = jax.lax.full_like(x, 0, dtype)
+    if not isinstance(zeros, jax.core.Tracer):
+        return zeros
+    zeros = jax.lax.optimization_barrier(zeros)
+    if isinstance(x, jax.core.Tracer):
+        return shard_alike(x, zeros)[1]
+    if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding):
+        # A ShapeDtypeStruct with a sharding, closed over by a jitted init.
+        return jax.lax.with_sharding_constraint(zeros, x.sharding)
+    return zeros
+
+
+def zeros_like_derived(shapes: Any, params: Any, dtype=None) -> Any:
+    """Zeros for state whose shapes are derived from the parameters' (e.g. factored moments), placed like them.
+
+    ``shapes`` is a tree of ``jax.ShapeDtypeStruct`` with the structure of ``params``. A leaf
+    with its parameter's shape is placed like the parameter; a leaf with one dimension of
+    the parameter dropped (a row or column statistic) like the parameter's slice along that
+    dimension, i.e. sharded over the axes of the remaining dimensions. Other leaves (and
+    trees whose structure differs from ``params``) get :func:`zeros_like`'s placement.
+    """
+    if jax.tree.structure(shapes) != jax.tree.structure(params):
+        return zeros_like(shapes, dtype)
+    dtype = canonical_dtype(dtype)
+
+    def per_leaf(shape, p):
+        reference = _derived_reference(p, shape.shape)
+        return placed_zeros(shape if reference is None else reference, dtype or shape.dtype)
+
+    return jax.tree.map(per_leaf, shapes, params)
+
+
+def _derived_reference(p: Any, shape: tuple) -> Any:
+    # An array (or traced value) of ``shape`` whose sharding XLA derives from ``p``'s: only its
+    # placement is used, and the slice is dead code once the zeros' sharding is decided.
+    if tuple(p.shape) == tuple(shape):
+        return p
+    for dim in range(p.ndim):
+        if p.shape[:dim] + p.shape[dim + 1 :] == tuple(shape):
+            if isinstance(p, jax.ShapeDtypeStruct):
+                return _dropped_dim_struct(p, dim)
+            return jax.lax.index_in_dim(p, 0, dim, keepdims=False)
+    return None
+
+
+def _dropped_dim_struct(p: jax.ShapeDtypeStruct, dim: int) -> jax.ShapeDtypeStruct:
+    shape = p.shape[:dim] + p.shape[dim + 1 :]
+    sharding = p.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = list(sharding.spec) + [None] * (p.ndim - len(sharding.spec))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*(spec[:dim] + spec[dim + 1 :])))
+    elif sharding is not None and not sharding.is_fully_replicated:
+        sharding = None
+    return jax.ShapeDtypeStruct(shape, p.dtype, sharding=sharding)

@@ -294,7 +294,7 @@ def test_lookahead_8bit_slow_weights_do_not_drift_between_synchronizations():
     params = -jnp.linspace(0.1, 1.0, 512)  # the block's absmax is negative: -1 is not a code
     state = tx.init(params)
     first = None
-    for step in range(5):
+    for _ in range(5):
         _, state = tx.update(jnp.zeros_like(params), state, params)
         codes = np.asarray(state.slow_params.codes)
         first = codes if first is None else first

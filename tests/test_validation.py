@@ -28,6 +28,8 @@ NOT_FACTORIES = {
     "apply_updates": "applies updates; takes trees, not hyperparameters (structure errors: test_robustness.py)",
     "state_bytes": "accessor: measures a state",
     "state_bytes_per_parameter": "accessor: measures a state",
+    "quantize_blockwise": "per-array codec (array in, QuantizedArray out); its arguments are checked by test_quantize.py",
+    "dequantize_blockwise": "per-array codec (QuantizedArray in, array out)",
     "lookahead_slow_params": "accessor: reads the slow weights out of a state",
     "schedule_free_eval_params": "accessor: reads the evaluation parameters out of a state",
     "quasi_hyperbolic_average": "per-array math helper (arrays in, array out)",

@@ -216,7 +216,8 @@ def _block_absmax(flat: jax.Array, block_size: int, signed: bool) -> jax.Array:
 
 def _per_element(per_block: jax.Array, size: int, block_size: int) -> jax.Array:
     # A flat repeat fuses into the surrounding element-wise loop; a 2-D (blocks, 256) broadcast does not.
-    return jnp.repeat(per_block, block_size, total_repeat_length=per_block.shape[0] * block_size)[:size]
+    blocks = per_block.shape[0]
+    return jnp.broadcast_to(per_block[:, None], (blocks, block_size)).reshape(blocks * block_size)[:size]
 
 
 def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> QuantizedArray:

@@ -1,0 +1,1 @@
+"""Optimizer state on device meshes: placement that follows the parameters, and ZeRO-1 sharding."""
