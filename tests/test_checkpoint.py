@@ -178,6 +178,17 @@ def test_restoring_into_another_optimizer_names_the_first_difference(tmp_path):
     assert "at [1]: the checkpoint has EmptyState, the target has AddDecayedWeightsState" in message
     message = _error(tmp_path / "ranger", gradtx.ranger(0.1).init(params), adam_state)
     assert "at (the root): the checkpoint has LookaheadState, the target has tuple" in message
+    big = {"w": jnp.ones((8, 8))}
+    eight_bit = gradtx.adam(0.1, state_dtype=gradtx.Quantized8bit(block_size=16, min_size=16)).init(big)
+    message = _error(tmp_path / "8bit", eight_bit, gradtx.adam(0.1).init(big))
+    assert "at [0].mu['w']: the checkpoint has QuantizedArray, the target has float32[8,8]" in message
+    injected = gradtx.inject_hyperparams(gradtx.adam)(learning_rate=0.1).init(params)
+    message = _error(
+        tmp_path / "injected",
+        injected,
+        gradtx.inject_hyperparams(gradtx.adamw)(learning_rate=0.1, weight_decay=0.01).init(params),
+    )
+    assert "target.hyperparams['weight_decay'] (float32[]) is not in the checkpoint" in message
 
 
 def test_restoring_into_other_parameters_names_the_path_and_both_shapes_or_dtypes(tmp_path):
