@@ -72,6 +72,7 @@ WRAPPERS = {
     "accumulate_gradients": lambda: gradtx.accumulate_gradients(gradtx.adam(1e-2), 2),
     "clip_by_global_norm+adam": lambda: gradtx.chain(gradtx.clip_by_global_norm(0.1), gradtx.adam(1e-2)),
     "adafactor_factored": lambda: gradtx.adafactor(1e-2, min_dim_size_to_factor=8),
+    "adam_8bit": lambda: gradtx.adam(1e-2, state_dtype=gradtx.Quantized8bit(min_size=16)),
 }
 FACTORIES = {**{e.name: e.make for e in ALL}, **WRAPPERS}
 
@@ -85,8 +86,10 @@ def _extra_args(name):
 
 
 # Adafactor builds its state from ShapeDtypeStructs it derives from the parameters' shapes,
-# so nothing ties the state to the parameters (see the report on issue 7).
-UNPLACED = {"adafactor", "adafactor_factored"}
+# and 8-bit moments are flat codes and block scales made from shapes alone, so nothing ties
+# that state to the parameters (see docs/distributed.md, Caveats; for Adafactor the fix is
+# tree.zeros_like_derived in its init). Strict: a fix makes these tests fail until listed off.
+UNPLACED = {"adafactor", "adafactor_factored", "adam_8bit"}
 # Optimizers with per-layer reductions (norms, means, factored moments); the others are elementwise.
 PER_LAYER = {"lamb", "lars", "novograd", "ranger", "sam", "clip_by_global_norm+adam", "adafactor_factored", "adafactor"}
 
@@ -307,17 +310,19 @@ def test_zero1_shards_the_state_and_matches_the_unsharded_run(name):
     assert difference <= 1e-6
 
 
-def test_zero1_per_device_bytes_approach_one_eighth():
-    params = jax.device_put(
-        {"w": jnp.ones((1024, 512)), "v": jnp.ones((512, 1024)), "b": jnp.ones(512)}, NamedSharding(DATA_MESH, P())
-    )
-    tx = gradtx.adamw(1e-3)
-    plain, sharded = jax.jit(tx.init)(params), jax.jit(gradtx.zero1(tx, DATA_MESH).init)(params)
+@pytest.mark.parametrize("name", list(ZERO1))
+def test_zero1_per_device_bytes_approach_one_eighth(name):
+    shapes = {"w": (1024, 512), "v": (512, 1024), "b": (512,)}
+    params = jax.device_put({k: jnp.ones(shape) for k, shape in shapes.items()}, NamedSharding(DATA_MESH, P()))
+    plain = jax.jit(ZERO1[name]().init)(params)
+    sharded = jax.jit(gradtx.zero1(ZERO1[name](), DATA_MESH).init)(params)
     ratio = gradtx.device_bytes(sharded) / gradtx.device_bytes(plain)
     print(
-        f"FIGURE zero1 adamw 1.05M parameters: {gradtx.device_bytes(sharded)} vs {gradtx.device_bytes(plain)} bytes, ratio {ratio:.4f}"
+        f"FIGURE zero1 {name}, 1.05M parameters: per-device state bytes {gradtx.device_bytes(sharded)} "
+        f"vs {gradtx.device_bytes(plain)}, ratio {ratio:.4f}"
     )
-    assert ratio <= 1 / 8 + 1e-4
+    # Only scalars (step counters) and Adafactor's (1,) placeholders stay whole on every device.
+    assert ratio <= 1 / 8 + 0.002
 
 
 def test_zero1_composes_with_model_parallelism():

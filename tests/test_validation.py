@@ -15,6 +15,7 @@ import inspect
 import math
 import re
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -39,6 +40,10 @@ NOT_FACTORIES = {
     "set_to_zero": "takes no arguments",
     "centralize": "takes no arguments",
     "scale_by_sign": "takes no arguments",
+    "abstract_state": "accessor: describes a state (tx and params in, shapes and shardings out)",
+    "state_shardings": "accessor: describes a state (tx and params in, shardings out)",
+    "device_bytes": "accessor: measures a state",
+    "zero1_dim": "per-shape helper (shape and axis size in, dimension out)",
     # Packed layout (performance engine): functions of trees, not factories.
     "pack": "packs a tree of arrays (structure errors: test_packed.py)",
     "unpack": "unpacks a Packed node (type errors: test_packed.py)",
@@ -60,6 +65,7 @@ REQUIRED = {
     "power": 1.0, "interpolate_type": "linear", "cosine_kwargs": [{"init_value": 0.0, "peak_value": 1.0, "warmup_steps": 2, "decay_steps": 10}],
     "inner_factory": gradtx.adam, "loss_fn": lambda p: 0.0, "transforms": {"a": _tx}, "param_labels": "a",
     "mask": True,
+    "mesh": jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)),
 }
 
 # The bad values each kind of argument must reject.
@@ -153,6 +159,8 @@ SPECIAL = {
     ("sgdr_schedule", "cosine_kwargs"): [(3.0, "3.0"), ([3.0], "3.0"), ([], "[]"), ({"init_value": 1.0}, "init_value")],
     ("inject_hyperparams", "static_args"): [(3.0, "3.0"), ([1], "[1]")],
     ("partition", "transforms"): [({}, "{}"), (3.0, "3.0"), ({"a": 3.0}, "3.0")],
+    ("zero1", "mesh"): [("data", "'data'"), (3.0, "3.0")],
+    ("zero1", "axis"): [("batch", "'batch'"), (3, "3")],
 }
 # Factories with positional-only variadic arguments: (call, argument name, bad value) cases.
 VARIADIC = {
