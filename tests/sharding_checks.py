@@ -344,3 +344,21 @@ def test_zero1_eager_init_shards_concrete_state():
     state = gradtx.zero1(gradtx.scale_by_adam(), DATA_MESH).init(params)
     assert state.mu["w0"].sharding.is_equivalent_to(NamedSharding(DATA_MESH, P("data")), 2)
     assert state.mu["odd"].sharding.is_fully_replicated and state.count.sharding.is_fully_replicated
+
+
+def test_zeros_like_derived_places_row_and_column_statistics_like_their_parameter():
+    params = _place(_params(), "mixed")  # w: P("data", "model")
+    rows = {"w": jax.ShapeDtypeStruct((128,), jnp.float32), "b": jax.ShapeDtypeStruct((128,), jnp.float32),
+            "odd": jax.ShapeDtypeStruct((1,), jnp.float32)}  # fmt: skip
+    columns = {**rows, "w": jax.ShapeDtypeStruct((64,), jnp.bfloat16)}
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    for derived in (
+        jax.jit(lambda p: gradtx.tree.zeros_like_derived(rows, p))(params),
+        gradtx.tree.zeros_like_derived(rows, params),
+        jax.jit(lambda: gradtx.tree.zeros_like_derived(rows, abstract_params))(),
+    ):
+        assert derived["w"].sharding.is_equivalent_to(NamedSharding(MESH, P("model")), 1)  # w without its rows
+        assert derived["b"].sharding.is_equivalent_to(params["b"].sharding, 1)  # same shape: like b
+    derived = jax.jit(lambda p: gradtx.tree.zeros_like_derived(columns, p))(params)
+    assert derived["w"].sharding.is_equivalent_to(NamedSharding(MESH, P("data")), 1) and derived["w"].dtype == jnp.bfloat16
+    assert all(float(jnp.abs(x.astype(jnp.float32)).sum()) == 0.0 for x in jax.tree.leaves(derived))

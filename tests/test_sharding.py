@@ -110,3 +110,13 @@ def test_zeros_like_keeps_shape_dtype_and_strong_type():
 def test_device_bytes_counts_what_one_device_holds():
     assert gradtx.device_bytes({"w": jnp.zeros((4, 2)), "n": jnp.zeros([], jnp.int32), "none": None}) == 36
     assert gradtx.device_bytes({}) == 0
+
+
+def test_zeros_like_derived_shapes_dtypes_and_fallback():
+    params = {"w": jnp.ones((4, 6)), "b": jnp.ones(6)}
+    shapes = {"w": jax.ShapeDtypeStruct((6,), jnp.bfloat16), "b": jax.ShapeDtypeStruct((1,), jnp.float32)}
+    derived = jax.jit(lambda p: gradtx.tree.zeros_like_derived(shapes, p))(params)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), derived) == jax.tree.map(lambda s: (s.shape, s.dtype), shapes)
+    # Another structure than the parameters' (e.g. stacked shapes of a packed layout): plain zeros_like.
+    other = [jax.ShapeDtypeStruct((2, 3), jnp.float32)]
+    assert gradtx.tree.zeros_like_derived(other, params)[0].shape == (2, 3)
