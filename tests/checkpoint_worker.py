@@ -7,9 +7,10 @@ save is in progress and checks that the previous checkpoint restores exactly; it
 the expected values with :func:`train`, which is deterministic.
 
 ``sharded``: needs 8 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``); saves an
-Adam state created on one device, restores it into a target sharded over a 2x4 mesh and
-checks that every restored array has the target's sharding, dtype and values. Exits non-zero
-with a message naming the leaf otherwise.
+AdamW state created on one device, restores it into ``gradtx.abstract_state`` targets on a 2x4
+mesh, model-parallel and with ``gradtx.zero1`` over the data axis, and checks that every
+restored array has the target's sharding, dtype and values. Exits non-zero with a message
+naming the leaf otherwise.
 """
 
 from __future__ import annotations
@@ -61,37 +62,46 @@ def save_loop(directory: str, megabytes: int, steps: int) -> None:
         print(f"saved {t}", flush=True)
 
 
+def _check_restored(what: str, restored, target, expected) -> None:
+    """Exit with a message naming the leaf unless every restored array has the target's sharding, dtype and shape, and the saved values."""
+    flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+    for (path, got), want, value in zip(flat, jax.tree.leaves(target), jax.tree.leaves(expected)):
+        name = f"{what}{jax.tree_util.keystr(path)}"
+        if got.sharding != want.sharding:
+            raise SystemExit(f"sharded: {name} restored with sharding {got.sharding}, target {want.sharding}")
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise SystemExit(f"sharded: {name} restored as {got.dtype}{got.shape}, target {want.dtype}{want.shape}")
+        if not np.array_equal(np.asarray(got), np.asarray(value)):
+            raise SystemExit(f"sharded: {name} restored values differ from the saved ones")
+
+
 def sharded(directory: str) -> None:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     if jax.device_count() != 8:
         raise SystemExit(f"sharded: needs 8 devices, found {jax.device_count()}")
-    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)  # zero1 needs Auto
     params = {"kernel": jnp.arange(64 * 128, dtype=jnp.float32).reshape(64, 128) / 1e3, "bias": jnp.ones(128)}
     tx = gradtx.adamw(1e-2)
     state = tx.init(params)
     _, state = tx.update(params, state, params)  # non-trivial moments and count
-    checkpoint.save(directory, 1, (params, state))
-    placements = {"kernel": NamedSharding(mesh, P("data", "model")), "bias": NamedSharding(mesh, P("model"))}
-    target_params = jax.device_put(params, placements)
-    target = jax.eval_shape(lambda p: (p, tx.init(p)), target_params)
-    # eval_shape keeps the parameters' shardings; give the moments their parameter's sharding.
-    shardings = (placements, jax.tree.map(lambda x: x.sharding, jax.jit(tx.init)(target_params)))
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
+    checkpoint.save(directory, 1, (params, state))  # written from one device
+
+    # Model parallel over "model", replicated over "data": the moments follow their parameter.
+    placements = {"kernel": NamedSharding(mesh, P(None, "model")), "bias": NamedSharding(mesh, P("model"))}
+    abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, placements)
+    target = (abstract_params, gradtx.abstract_state(tx, abstract_params))
     restored = checkpoint.restore(directory, target)
-    flat_restored = jax.tree_util.tree_flatten_with_path(restored)[0]
-    for (path, got), want, expected in zip(flat_restored, jax.tree.leaves(target), jax.tree.leaves((params, state))):
-        name = jax.tree_util.keystr(path)
-        if got.sharding != want.sharding:
-            raise SystemExit(f"sharded: {name} restored with sharding {got.sharding}, target {want.sharding}")
-        if got.dtype != want.dtype or got.shape != want.shape:
-            raise SystemExit(f"sharded: {name} restored as {got.dtype}{got.shape}, target {want.dtype}{want.shape}")
-        if not np.array_equal(np.asarray(got), np.asarray(expected)):
-            raise SystemExit(f"sharded: {name} restored values differ from the saved ones")
-    kernel_moment = restored[1][0].mu["kernel"]
-    shard_shapes = sorted({shard.data.shape for shard in kernel_moment.addressable_shards})
-    print(f"restored {len(flat_restored)} arrays with the target's shardings; mu['kernel'] shards {shard_shapes}")
+    _check_restored("", restored, target, (params, state))
+    # ZeRO-1 keeps the inner state's tree: the same checkpoint restores into state sharded over "data" too.
+    zero_target = (abstract_params, gradtx.abstract_state(gradtx.zero1(tx, mesh, axis="data"), abstract_params))
+    zero_restored = checkpoint.restore(directory, zero_target)
+    _check_restored("zero1", zero_restored, zero_target, (params, state))
+    shard_shapes = [
+        sorted({s.data.shape for s in tree[1][0].mu["kernel"].addressable_shards}) for tree in (restored, zero_restored)
+    ]
+    print(f"restored {len(jax.tree.leaves(restored))} arrays with the target's shardings; mu['kernel'] shards {shard_shapes}")
 
 
 def main(argv=None) -> int:

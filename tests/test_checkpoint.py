@@ -8,7 +8,8 @@
 * Restoring into another optimizer or other parameters raises a ``ValueError`` naming the
   first differing path and both sides.
 * A process killed (SIGKILL) while saving leaves the previous checkpoint usable (slow).
-* Restores take the target's shardings (8 simulated devices, in a subprocess).
+* Restores take the target's shardings (8 simulated devices, in a subprocess), also
+  ``gradtx.zero1``'s: a plain optimizer's checkpoint restores into ZeRO-1 sharded state.
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def _worker_env(devices: int = 1) -> dict:
     return env
 
 
-def test_restore_takes_the_targets_shardings_on_eight_devices(tmp_path):
+def test_restore_takes_the_targets_shardings_on_eight_devices_also_zero1(tmp_path):
     result = subprocess.run(
         [sys.executable, WORKER, "sharded", "--dir", str(tmp_path)],
         capture_output=True,
@@ -310,7 +311,8 @@ def test_restore_takes_the_targets_shardings_on_eight_devices(tmp_path):
         env=_worker_env(8),
     )
     assert result.returncode == 0, f"checkpoint_worker.py sharded failed:\n{result.stderr[-4000:]}"
-    assert "with the target's shardings; mu['kernel'] shards [(32, 32)]" in result.stdout
+    # mu["kernel"] (64, 128): model parallel P(None, "model") on a 2x4 mesh, then ZeRO-1's P("data", "model").
+    assert "with the target's shardings; mu['kernel'] shards [[(64, 32)], [(32, 32)]]" in result.stdout
 
 
 MEGABYTES = 32  # parameters; Adam's two moments double it: each save writes ~100 MB, a window of ~1 s to kill in
