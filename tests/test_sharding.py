@@ -46,7 +46,7 @@ def test_sharding_checks_on_8_simulated_devices():
     assert result.returncode == 0, f"sharding checks failed (exit {result.returncode}):\n{output[-8000:]}"
     passed = re.search(r"(\d+) passed", output)
     assert passed and int(passed.group(1)) >= 60, output[-3000:]
-    print("\n".join(line for line in output.splitlines() if line.startswith("FIGURE")))
+    print("\n".join(re.findall(r"FIGURE .*", output)))
 
 
 def _one_device_mesh():
