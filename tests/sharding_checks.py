@@ -362,3 +362,15 @@ def test_zeros_like_derived_places_row_and_column_statistics_like_their_paramete
     derived = jax.jit(lambda p: gradtx.tree.zeros_like_derived(columns, p))(params)
     assert derived["w"].sharding.is_equivalent_to(NamedSharding(MESH, P("data")), 1) and derived["w"].dtype == jnp.bfloat16
     assert all(float(jnp.abs(x.astype(jnp.float32)).sum()) == 0.0 for x in jax.tree.leaves(derived))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_zero1_update_is_computed_shard_wise(name):
+    # One all-gather per split parameter (its update); gathering the state instead would add more.
+    params = jax.device_put(_model(), NamedSharding(DATA_MESH, P()))
+    tx = gradtx.zero1(ZERO1[name](), DATA_MESH)
+    state = jax.jit(tx.init)(params)
+    grads = jax.tree.map(jnp.cos, params)
+    counts = _collectives(jax.jit(tx.update).lower(grads, state, params).compile().as_text())
+    split = sum(gradtx.zero1_dim(p.shape, 8) is not None for p in jax.tree.leaves(params))
+    assert counts["all-gather"] == split, counts
