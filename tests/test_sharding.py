@@ -120,3 +120,10 @@ def test_zeros_like_derived_shapes_dtypes_and_fallback():
     # Another structure than the parameters' (e.g. stacked shapes of a packed layout): plain zeros_like.
     other = [jax.ShapeDtypeStruct((2, 3), jnp.float32)]
     assert gradtx.tree.zeros_like_derived(other, params)[0].shape == (2, 3)
+
+
+def test_zero1_passes_none_updates_through():
+    params = {"w": jnp.ones((8, 2)), "frozen": jnp.ones(3)}
+    tx = gradtx.zero1(gradtx.sgd(0.1), _one_device_mesh())
+    updates, _ = jax.jit(tx.update)({"w": jnp.ones((8, 2)), "frozen": None}, tx.init(params), params)
+    assert updates["frozen"] is None and updates["w"].shape == (8, 2)

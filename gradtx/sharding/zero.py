@@ -139,7 +139,9 @@ def zero1(inner: GradientTransformation, mesh: Mesh, axis: str = "data") -> Grad
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
         return jax.device_put(x, NamedSharding(mesh, _concrete_spec(x, mesh, axis, dim)))
 
-    def gather_like(reference, x):
+    def gather_like(x, reference):
+        if x is None:  # a frozen parameter's update
+            return None
         if isinstance(x, jax.core.Tracer) or isinstance(reference, jax.core.Tracer):
             return shard_alike(reference, x)[1]
         return jax.device_put(x, reference.sharding)
@@ -152,7 +154,7 @@ def zero1(inner: GradientTransformation, mesh: Mesh, axis: str = "data") -> Grad
         local_params = None if params is None else jax.tree.map(shard, params)
         new_updates, state = inner.update(local_updates, state, local_params, **extra_args)
         reference = updates if params is None else params
-        new_updates = jax.tree.map(gather_like, reference, new_updates)
+        new_updates = jax.tree.map(gather_like, new_updates, reference, is_leaf=lambda x: x is None)
         return new_updates, jax.tree.map(shard, state)
 
     return GradientTransformation(init, update)
