@@ -122,21 +122,38 @@ def moment_zeros_like(params: Any, storage: Any = None, *, signed: bool = True) 
     ``QuantizedArray`` (``signed`` code for first moments, unsigned for second moments); the
     other leaves are plain zeros in at least float32.
     """
-    if not isinstance(storage, _quantize.Quantized8bit):
-        return zeros_like(params, storage)
-
-    def per_leaf(x):
-        if storage.applies_to(x):
-            return _quantize.zeros(tuple(jnp.shape(x)), signed=signed, block_size=storage.block_size)
-        return zeros_like(x, jnp.promote_types(x.dtype, jnp.float32))
-
-    return jax.tree.map(per_leaf, params)
+    return moment_full_like(params, 0.0, storage, signed=signed)
 
 
 def moment_full_like(params: Any, value: float, storage: Any = None, *, signed: bool = True) -> Any:
-    """Moments filled with ``value`` (an initial accumulator), stored as ``storage`` (see :func:`moment_zeros_like`)."""
-    zeros = moment_zeros_like(params, storage, signed=signed)
-    return jax.tree.map(lambda z: store(load(z) + value, z), zeros, is_leaf=is_quantized)
+    """Moments filled with ``value >= 0`` (an initial accumulator), stored as ``storage`` (see :func:`moment_zeros_like`)."""
+    if not isinstance(storage, _quantize.Quantized8bit):
+        zeros = zeros_like(params, storage)
+        return zeros if value == 0 else jax.tree.map(lambda z: store(load(z) + value, z), zeros)
+
+    def per_leaf(x):
+        array = _unboxed(x)
+        if not storage.applies_to(array):
+            zeros = zeros_like(x, jnp.promote_types(array.dtype, jnp.float32))
+            return zeros if value == 0 else jax.tree.map(lambda z: z + value, zeros)
+        full = _quantize.full(tuple(jnp.shape(array)), value, signed=signed, block_size=storage.block_size)
+        if array is x:
+            return full
+        # A boxed parameter (a Flax NNX Variable): box codes and scales apart, so that every box
+        # holds one array (nnx.Optimizer and nnx.jit expect a Variable to hold an array).
+        box = type(x)
+        return _quantize.QuantizedArray(box(full.codes), box(full.scales), full.shape, full.signed, full.block_size)
+
+    return jax.tree.map(per_leaf, params, is_leaf=_is_box)
+
+
+def _is_box(x: Any) -> bool:
+    # Duck-typed Flax NNX Variable: gradtx does not import Flax.
+    return hasattr(x, "get_raw_value") and hasattr(x, "get_metadata")
+
+
+def _unboxed(x: Any) -> Any:
+    return x.get_raw_value() if _is_box(x) else x
 
 
 def is_quantized(x: Any) -> bool:

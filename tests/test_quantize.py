@@ -331,3 +331,32 @@ def test_quantized_state_survives_a_jit_boundary_and_donation():
     updates, state = step(params, state)
     assert isinstance(state[0].mu, gradtx.QuantizedArray)
     assert np.all(np.isfinite(np.asarray(updates)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: gradtx.adamw(1e-2, state_dtype=s),
+        lambda s: gradtx.rmsprop(1e-3, initial_scale=0.1, momentum=0.9, state_dtype=s),
+        lambda s: gradtx.yogi(1e-2, state_dtype=s),
+    ],
+    ids=["adamw", "rmsprop", "yogi"],
+)
+def test_8bit_states_work_with_flax_nnx_optimizer_and_the_train_step_helper(make):
+    nnx = pytest.importorskip("flax.nnx")
+    from gradtx.contrib.flax import make_train_step
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 128)), jnp.float32)
+    y = jnp.ones((32, 64))
+    losses = {}
+    for label, storage in (("float32", None), ("8-bit", EIGHT_BIT)):
+        model = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, make(storage), wrt=nnx.Param)
+        step = make_train_step(lambda m, x, y: jnp.mean((m(x) - y) ** 2))
+        for _ in range(20):
+            loss = step(model, optimizer, x, y)
+        losses[label] = float(loss)
+        # Every Variable holds one array: the 8-bit kernel moments are boxed as codes and scales.
+        moments = jax.tree.leaves(nnx.as_pure(optimizer.opt_state), is_leaf=gradtx.tree.is_quantized)
+        assert any(isinstance(x, gradtx.QuantizedArray) for x in moments) == (storage is not None)
+    assert losses["8-bit"] == pytest.approx(losses["float32"], rel=0.05)

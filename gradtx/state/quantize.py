@@ -285,12 +285,13 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     return values.reshape(q.shape)
 
 
-def zeros(shape: tuple[int, ...], *, signed: bool, block_size: int) -> QuantizedArray:
-    """A :class:`QuantizedArray` of zeros: every code the index of 0, every scale 0."""
+def full(shape: tuple[int, ...], value: float, *, signed: bool, block_size: int) -> QuantizedArray:
+    """A :class:`QuantizedArray` holding ``value >= 0`` everywhere, exactly: code 1 (or 0) times scale ``value``."""
     size = math.prod(shape)
     blocks = -(-size // block_size)
-    codes = jnp.full((size,), SIGNED_ZERO if signed else UNSIGNED_ZERO, jnp.uint8)
-    return QuantizedArray(codes, jnp.zeros((blocks,), jnp.float32), shape, signed, block_size)
+    code = 255 if value > 0 else (SIGNED_ZERO if signed else UNSIGNED_ZERO)
+    codes = jnp.full((size,), code, jnp.uint8)
+    return QuantizedArray(codes, jnp.full((blocks,), value, jnp.float32), shape, signed, block_size)
 
 
 def check_storage(owner: str, name: str, value: Any) -> None:
