@@ -143,12 +143,12 @@ def test_complex_parameters_match_optax(name):
 
 
 def test_signatures_match_optax():
-    """Same names, order, defaults and keyword-only-ness as Optax 0.2.8, plus gradtx's ``nu_dtype``."""
+    """Same names, order, defaults and keyword-only-ness as Optax 0.2.8, plus gradtx's ``nu_dtype`` and ``state_dtype``."""
     for name, ours in OURS.items():
         theirs = inspect.signature(getattr(optax, name)).parameters
         # Optax's nadam/nadamw are functools.partial(..., nesterov=True): the flag is fixed, not an option.
         theirs = [(p.name, p.kind, p.default) for p in theirs.values() if not (name.startswith("nadam") and p.name == "nesterov")]
-        mine = [(p.name, p.kind, p.default) for p in inspect.signature(ours).parameters.values() if p.name != "nu_dtype"]
+        mine = [(p.name, p.kind, p.default) for p in inspect.signature(ours).parameters.values() if p.name not in ("nu_dtype", "state_dtype")]
         assert mine == theirs, name
 
 

@@ -118,6 +118,10 @@ def test_complex_parameters_match_optax(name):
 @pytest.mark.parametrize("name", sorted(OURS))
 def test_signature_matches_optax(name):
     ours, theirs = inspect.signature(OURS[name]).parameters, inspect.signature(optax_fn(name)).parameters
+    # gradtx's one addition: the keyword-only state dtype policy (docs/memory.md), default None.
+    if "state_dtype" in ours:
+        assert (ours["state_dtype"].kind, ours["state_dtype"].default) == (inspect.Parameter.KEYWORD_ONLY, None)
+    ours = {name: p for name, p in ours.items() if name != "state_dtype"}
     assert [(p.name, p.kind) for p in ours.values()] == [(p.name, p.kind) for p in theirs.values()]
     defaults = [(p.name, p.default) for p in ours.values() if not callable(p.default)]
     assert defaults == [(p.name, p.default) for p in theirs.values() if not callable(p.default)]

@@ -304,6 +304,6 @@ def check_storage(owner: str, name: str, value: Any) -> None:
         ok = False
     if not ok:
         raise ValueError(
-            f"{owner}: {name} must be None, a floating dtype (float32, bfloat16, float16, float64) "
+            f"{owner}: {name} must be None or a floating dtype (float32, bfloat16, float16, float64) "
             f"or gradtx.Quantized8bit(...), got {value!r}"
         )
