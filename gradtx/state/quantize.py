@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradtx import _checks
+
 DECADES = 7
 
 
@@ -296,14 +298,9 @@ def full(shape: tuple[int, ...], value: float, *, signed: bool, block_size: int)
 
 def check_storage(owner: str, name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is a moment storage: ``None``, a floating dtype, or :class:`Quantized8bit`."""
-    if value is None or isinstance(value, Quantized8bit):
+    if isinstance(value, Quantized8bit):
         return
     try:
-        ok = jnp.issubdtype(jnp.dtype(value), jnp.inexact)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"{owner}: {name} must be None or a floating dtype (float32, bfloat16, float16, float64) "
-            f"or gradtx.Quantized8bit(...), got {value!r}"
-        )
+        _checks.dtype(owner, name, value)
+    except ValueError as error:
+        raise ValueError(f"{error}; for 8-bit storage pass gradtx.Quantized8bit(...)") from None
