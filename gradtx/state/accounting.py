@@ -4,6 +4,8 @@ Counts the bytes of every array leaf of a state pytree: ``x.size * x.dtype.items
 on real arrays and on ``jax.ShapeDtypeStruct`` leaves, so the state of a model too large to
 allocate can be measured from ``jax.eval_shape(tx.init, params)``. Leaves that are not arrays
 (``None``, Python numbers kept as static hyperparameters) hold no device memory and count zero.
+An 8-bit moment (``gradtx.QuantizedArray``) is a pytree of its uint8 codes and float32 block
+scales, so it counts ``1 + 4 / block_size`` bytes per element, its true size.
 """
 
 from __future__ import annotations
