@@ -94,7 +94,8 @@ _UNSIGNED_ONE_THRESHOLD = (float(_positive_codes(False)[-1]) + 1.0) / 2
 def _magnitude_rank(a: jax.Array, signed: bool) -> jax.Array:
     """Rank of the code nearest to ``a`` in ``[0, 1]`` among ``0, positive codes..., 1`` (int32)."""
     constants = _SIGNED_CONSTANTS if signed else _UNSIGNED_CONSTANTS
-    # Select the decade's constants with a chain of compares: cheaper on CPU than a gather.
+    # The decade's constants by a chain of compares: measured as fast on CPU as a look-up in a
+    # 32K-entry table keyed by the float's top bits, and exact by construction.
     multiplier, offset, first = jnp.float32(0), jnp.float32(0), jnp.int32(0)
     for threshold, decade_multiplier, decade_offset, decade_first in constants:
         inside = a >= jnp.float32(threshold)
