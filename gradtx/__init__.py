@@ -78,8 +78,10 @@ from gradtx.packed import (
     map_arrays,
     map_shapes,
     pack,
+    pack_state,
     packed_layout,
     unpack,
+    unpack_state,
 )
 from gradtx.schedules import (
     clamp_schedule,
@@ -166,8 +168,10 @@ __all__ = [
     "map_arrays",
     "map_shapes",
     "pack",
+    "pack_state",
     "packed_layout",
     "unpack",
+    "unpack_state",
     "AccumulateGradientsState",
     "AddDecayedWeightsState",
     "ApplyIfFiniteState",

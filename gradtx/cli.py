@@ -120,7 +120,9 @@ def _paragraph(text: str) -> str:
 
 
 def _shared_options(parser, table: dict, default: Sequence[str], outputs: str) -> None:
-    parser.add_argument("--optimizers", default=",".join(default), help=f"comma-separated optimizer names, from: {', '.join(table)}")
+    parser.add_argument(
+        "--optimizers", default=",".join(default), help=f"comma-separated optimizer names, from: {', '.join(table)}"
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"directory for {outputs} (created if missing)")
 
 
@@ -173,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _shared_options(bench, registry.BENCH, registry.BENCH_DEFAULT, "bench.json and the PNG plots")
     bench.add_argument(
-        "--params", type=_positive_int, default=None, help=f"total float32 parameters (default {BENCH_PARAMS}; --quick: {QUICK_PARAMS})"
+        "--params",
+        type=_positive_int,
+        default=None,
+        help=f"total float32 parameters (default {BENCH_PARAMS}; --quick: {QUICK_PARAMS})",
     )
     bench.add_argument(
         "--leaves",
@@ -182,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated numbers of equal arrays the parameters are split into; each must divide --params "
         f"(default {','.join(map(str, BENCH_LEAVES))}; --quick: {','.join(map(str, QUICK_LEAVES))})",
     )
-    bench.add_argument("--calls", type=_positive_int, default=MIN_CALLS, help=f"timed calls per case after one warm-up (>= {MIN_CALLS})")
+    bench.add_argument(
+        "--calls", type=_positive_int, default=MIN_CALLS, help=f"timed calls per case after one warm-up (>= {MIN_CALLS})"
+    )
     bench.add_argument("--quick", action="store_true", help="a smaller run that finishes in about a minute on a 2-core CPU")
     bench.add_argument("--no-torch", action="store_true", help="leave out the torch.optim.AdamW(fused=True) column")
     bench.add_argument(
@@ -198,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated even numbers of parameter arrays of the end-to-end model "
         f"(default {','.join(map(str, E2E_LEAVES))}; --quick: {','.join(map(str, QUICK_E2E_LEAVES))})",
+    )
+    bench.add_argument(
+        "--optax-max-leaves",
+        type=_positive_int,
+        default=None,
+        help="time Optax (and gradtx per array) only up to this many arrays; rows above it record the skip "
+        "(Optax compiles LAMB over 4096 arrays for ~8 minutes)",
     )
     bench.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random parameters and gradients")
     bench.set_defaults(run=_bench)
@@ -333,6 +347,7 @@ def _bench(args) -> int:
             "dtype": "float32",
             "e2e_leaves": list(e2e_leaves) if e2e else [],
             "seed": args.seed,
+            "optax_max_leaves": args.optax_max_leaves,
         },
         "machine": report.machine_info(),
         "method": "median of the timed calls after one warm-up; gradtx, Optax, torch and the donated triad interleaved in "
@@ -349,7 +364,16 @@ def _bench(args) -> int:
         with tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
             for config in configs:
                 bar.set_description(f"{config.optimizer} x{config.leaves}")
-                payload["update"].append(runner.run_update(config, calls=args.calls, use_torch=not args.no_torch, seed=args.seed))
+                per_array = args.optax_max_leaves is None or config.leaves <= args.optax_max_leaves
+                row = runner.run_update(
+                    config,
+                    calls=args.calls,
+                    use_torch=not args.no_torch,
+                    seed=args.seed,
+                    with_optax=per_array,
+                    with_per_array=per_array,
+                )
+                payload["update"].append(row)
                 report.write_json(json_path, payload)
                 bar.update(1)
             if e2e:
@@ -383,15 +407,23 @@ def _bench_outputs(payload: dict, out: str, params: int) -> None:
     if rows:
         print(f"\nOptimizer update, {params} float32 parameters, on {where}; triad roofline measured in the same rounds")
         headers = (
-            "optimizer", "arrays", "gradtx ms", "optax ms", "gradtx/optax", "gradtx roofline", "optax roofline",
-            "gradtx GB/s", "gradtx compile s", "optax compile s", "gradtx state B/p", "optax state B/p", "torch ms",
+            "optimizer", "arrays", "gradtx ms", "packed ms", "optax ms", "gradtx/optax", "packed/optax", "gradtx roofline",
+            "packed roofline", "optax roofline", "gradtx compile s", "packed compile s", "optax compile s",
+            "state B/p (packed, optax)", "torch ms",
         )  # fmt: skip
+
+        def figure(r, library, key):
+            return r[library][key] if r.get(library) else None
+
         table_rows = [
             (
-                r["optimizer"], r["leaves"], r["gradtx"]["ms_per_step"], r["optax"]["ms_per_step"], r["gradtx_over_optax_time"],
-                r["gradtx"]["roofline_ratio"], r["optax"]["roofline_ratio"], r["gradtx"]["gb_per_s"], r["gradtx"]["compile_s"],
-                r["optax"]["compile_s"], r["gradtx"]["state_bytes_per_parameter"], r["optax"]["state_bytes_per_parameter"],
-                r.get("torch_adamw_fused", {}).get("ms_per_step"),
+                r["optimizer"], r["leaves"], figure(r, "gradtx", "ms_per_step"), figure(r, "gradtx_packed", "ms_per_step"),
+                figure(r, "optax", "ms_per_step"), r["gradtx_over_optax_time"], r["gradtx_packed_over_optax_time"],
+                figure(r, "gradtx", "roofline_ratio"), figure(r, "gradtx_packed", "roofline_ratio"),
+                figure(r, "optax", "roofline_ratio"), figure(r, "gradtx", "compile_s"), figure(r, "gradtx_packed", "compile_s"),
+                figure(r, "optax", "compile_s"),
+                f"{figure(r, 'gradtx_packed', 'state_bytes_per_parameter'):.3g}, {figure(r, 'optax', 'state_bytes_per_parameter') or 0:.3g}",
+                (r.get("torch_adamw_fused") or {}).get("ms_per_step"),
             )
             for r in rows
         ]  # fmt: skip
@@ -403,14 +435,16 @@ def _bench_outputs(payload: dict, out: str, params: int) -> None:
     if payload["e2e"]:
         print(f"\nEnd-to-end Flax NNX step (Linear 128x128 layers, batch 32, adamw) on {where}")
         headers = (
-            "arrays", "fwd+bwd ms", "gradtx added ms", "optax added ms", "added gradtx/optax",
-            "fwd+bwd compile s", "gradtx added compile s", "optax added compile s", "added compile gradtx/optax",
+            "arrays", "fwd+bwd ms", "gradtx added ms", "packed added ms", "optax added ms", "added gradtx/optax",
+            "added packed/optax", "fwd+bwd compile s", "gradtx added compile s", "packed added compile s",
+            "optax added compile s", "added compile gradtx/optax", "added compile packed/optax",
         )  # fmt: skip
         table_rows = [
             (
-                r["leaves"], r["forward_backward"]["ms_per_step"], r["gradtx"]["added_ms"], r["optax"]["added_ms"],
-                r["gradtx_over_optax_added_time"], r["forward_backward"]["compile_s"], r["gradtx"]["added_compile_s"],
-                r["optax"]["added_compile_s"], r["gradtx_over_optax_added_compile"],
+                r["leaves"], r["forward_backward"]["ms_per_step"], r["gradtx"]["added_ms"], r["gradtx_packed"]["added_ms"],
+                r["optax"]["added_ms"], r["gradtx_over_optax_added_time"], r["gradtx_packed_over_optax_added_time"],
+                r["forward_backward"]["compile_s"], r["gradtx"]["added_compile_s"], r["gradtx_packed"]["added_compile_s"],
+                r["optax"]["added_compile_s"], r["gradtx_over_optax_added_compile"], r["gradtx_packed_over_optax_added_compile"],
             )
             for r in payload["e2e"]
         ]  # fmt: skip

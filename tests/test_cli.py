@@ -30,7 +30,10 @@ def _assert_png(path):
     [
         ((), ("compare", "bench")),
         (("compare",), ("--optimizers", "--steps", "--batch-size", "--eval-every", "--seed", "--out")),
-        (("bench",), ("--optimizers", "--params", "--leaves", "--calls", "--quick", "--no-torch", "--e2e", "--e2e-leaves", "--out")),
+        (
+            ("bench",),
+            ("--optimizers", "--params", "--leaves", "--calls", "--quick", "--no-torch", "--e2e", "--e2e-leaves", "--out"),
+        ),
     ],
 )
 def test_help_explains_every_option(capsys, command, options):
@@ -83,7 +86,9 @@ def test_unwritable_output_path_is_rejected(capsys, tmp_path, command):
 
 
 def test_tiny_compare_writes_json_and_plots(capsys, tmp_path):
-    code, out, err = _run(capsys, "compare", "--steps", "20", "--eval-every", "5", "--optimizers", "sgd,adam", "--out", str(tmp_path))
+    code, out, err = _run(
+        capsys, "compare", "--steps", "20", "--eval-every", "5", "--optimizers", "sgd,adam", "--out", str(tmp_path)
+    )
     assert code == 0, err
     assert "held-out acc" in out and "sgd" in out and "adam" in out
     payload = json.loads((tmp_path / "compare.json").read_text())
@@ -133,7 +138,19 @@ def test_unavailable_optimizer_is_skipped_with_a_message(capsys, tmp_path, monke
 
 
 def test_tiny_bench_reports_gradtx_and_optax_side_by_side(capsys, tmp_path):
-    argv = ("bench", "--params", "4096", "--leaves", "1,4", "--optimizers", "sgd,adamw", "--no-torch", "--e2e", "--e2e-leaves", "4")
+    argv = (
+        "bench",
+        "--params",
+        "4096",
+        "--leaves",
+        "1,4",
+        "--optimizers",
+        "sgd,adamw",
+        "--no-torch",
+        "--e2e",
+        "--e2e-leaves",
+        "4",
+    )
     code, out, err = _run(capsys, *argv, "--out", str(tmp_path))
     assert code == 0, err
     assert "gradtx/optax" in out
@@ -145,16 +162,22 @@ def test_tiny_bench_reports_gradtx_and_optax_side_by_side(capsys, tmp_path):
     for row in rows:
         assert row["triad_ms"] > 0
         assert row["bytes_per_parameter_model"] == {"sgd": 20, "adamw": 28}[row["optimizer"]]
-        for library in ("gradtx", "optax"):
+        for library in ("gradtx", "gradtx_packed", "optax"):
             figures = row[library]
             assert figures["calls"] >= 10
             for key in ("ms_per_step", "gb_per_s", "roofline_ratio", "compile_s", "state_bytes"):
                 assert figures[key] > 0, (library, key)
         assert row["gradtx"]["state_bytes_per_parameter"] == pytest.approx(row["optax"]["state_bytes_per_parameter"], rel=0.01)
+        assert row["gradtx_packed"]["state_bytes"] == row["gradtx"]["state_bytes"]
         assert row["gradtx_over_optax_time"] == pytest.approx(row["gradtx"]["ms_per_step"] / row["optax"]["ms_per_step"])
+        assert row["gradtx_packed_over_optax_time"] == pytest.approx(
+            row["gradtx_packed"]["ms_per_step"] / row["optax"]["ms_per_step"]
+        )
+        assert row["skipped"] == []
     (e2e,) = payload["e2e"]
     assert e2e["leaves"] == 4 and e2e["layers"] == 2
-    assert {"added_ms", "added_compile_s"} <= set(e2e["gradtx"]) and {"added_ms", "added_compile_s"} <= set(e2e["optax"])
+    for library in ("gradtx", "gradtx_packed", "optax"):
+        assert {"added_ms", "added_compile_s"} <= set(e2e[library])
     for path in payload["plots"]:
         _assert_png(path)
     assert [os.path.basename(p) for p in payload["plots"]] == ["bench.png", "bench_e2e.png"]
@@ -166,7 +189,9 @@ def test_python_dash_m_runs_the_tool():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "gradtx", "bench", "--calls", "1"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "gradtx", "bench", "--calls", "1"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 2
     assert done.stderr == "gradtx bench: error: --calls must be at least 10 (medians of fewer calls are noise), got 1\n"
 
@@ -185,3 +210,13 @@ def test_every_registered_optimizer_builds_and_has_its_optax_counterpart():
         registry.resolve(name)(**entry.kwargs).init(params)
         getattr(optax, name)(**entry.kwargs).init(params)
     assert set(registry.COMPARE_DEFAULT) <= set(registry.COMPARE) and set(registry.BENCH_DEFAULT) <= set(registry.BENCH)
+
+
+def test_bench_can_skip_the_slow_per_array_cases_and_says_so(capsys, tmp_path):
+    argv = ("bench", "--params", "4096", "--leaves", "1,4", "--optimizers", "sgd", "--no-torch", "--optax-max-leaves", "1")
+    code, out, err = _run(capsys, *argv, "--out", str(tmp_path))
+    assert code == 0, err
+    one, four = json.loads((tmp_path / "bench.json").read_text())["update"]
+    assert one["skipped"] == [] and one["optax"] is not None
+    assert four["skipped"] == ["gradtx", "optax"] and four["optax"] is None and four["gradtx"] is None
+    assert four["gradtx_packed"]["ms_per_step"] > 0 and four["gradtx_packed_over_optax_time"] is None

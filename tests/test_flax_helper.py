@@ -163,3 +163,69 @@ def test_arguments_are_validated():
         make_train_step(mse, extra_args={"grad_fn": None})
     with pytest.raises(TypeError, match="make_eval_step: eval_params must be None or callable"):
         make_eval_step(mse, eval_params="x")
+
+
+# The packed fast path (make_train_step(..., packed=True)): same numbers as the per-array step.
+
+PACKED_RTOL = PACKED_ATOL = 1e-6  # the same arithmetic; reductions may run in another order (see test_packed.py)
+
+
+def _trajectory(tx_factory, batch, packed, steps=4, norm=False):
+    model, optimizer = _model_and_optimizer(tx_factory(), norm=norm)
+    step = make_train_step(mse, packed=packed)
+    losses = [float(step(model, optimizer, *batch)) for _ in range(steps)]
+    if packed:
+        step.sync()
+    return losses, model, optimizer, step
+
+
+@pytest.mark.parametrize(
+    "tx_factory",
+    [lambda: gradtx.adamw(1e-2, weight_decay=0.1), lambda: gradtx.lamb(1e-2), lambda: gradtx.novograd(1e-2),
+     lambda: gradtx.adafactor(1e-2, min_dim_size_to_factor=4)],
+    ids=["adamw", "lamb", "novograd", "adafactor"],
+)  # fmt: skip
+def test_packed_step_follows_the_per_array_trajectory(batch, tx_factory):
+    losses, model, optimizer, _ = _trajectory(tx_factory, batch, packed=False)
+    packed_losses, packed_model, packed_optimizer, step = _trajectory(tx_factory, batch, packed=True)
+    np.testing.assert_allclose(packed_losses, losses, rtol=PACKED_RTOL)
+    for a, b in zip(jax.tree.leaves(nnx.state(packed_model)), jax.tree.leaves(nnx.state(model)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=PACKED_RTOL, atol=PACKED_ATOL)
+    # sync() gives the optimizer back its per-array state, equal to the per-array run's.
+    for a, b in zip(
+        jax.tree.leaves(nnx.as_pure(packed_optimizer.opt_state)), jax.tree.leaves(nnx.as_pure(optimizer.opt_state)), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=PACKED_RTOL, atol=PACKED_ATOL)
+    assert int(packed_optimizer.step[...]) == int(optimizer.step[...]) == 4
+    assert step._jitted._cache_size() == 1  # no recompilation after the first step
+
+
+def test_packed_step_writes_back_batch_statistics(batch):
+    # SGD: with BatchNorm the hidden bias gets a gradient of rounding noise, which Adam would
+    # normalise to +-1 steps; SGD keeps such noise at its size, so the runs stay comparable.
+    losses, model, _, _ = _trajectory(lambda: gradtx.sgd(0.1, momentum=0.9), batch, packed=False, norm=True)
+    packed_losses, packed_model, _, _ = _trajectory(lambda: gradtx.sgd(0.1, momentum=0.9), batch, packed=True, norm=True)
+    np.testing.assert_allclose(packed_losses, losses, rtol=PACKED_RTOL)
+    np.testing.assert_allclose(packed_model.norm.mean[...], model.norm.mean[...], rtol=PACKED_RTOL, atol=PACKED_ATOL)
+    assert float(jnp.max(jnp.abs(packed_model.norm.mean[...]))) > 0  # the statistics did move
+
+
+def test_packed_step_holds_the_state_and_repacks_a_changed_model(batch):
+    model, optimizer = _model_and_optimizer(gradtx.adam(1e-2))
+    step = make_train_step(mse, packed=True)
+    step(model, optimizer, *batch)
+    assert all(isinstance(x, gradtx.Packed) for x in (step.opt_state[0].mu, step.packed_params))
+    with pytest.raises(RuntimeError, match="deleted"):
+        np.asarray(optimizer.opt_state[0].mu["hidden"]["kernel"][...])  # the step owns the state now
+    # Changing the model between steps: the next step starts from the model's new values.
+    zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+    nnx.update(model, zeros)
+    step(model, optimizer, *batch)
+    hidden = gradtx.unpack(step.packed_params)["hidden"]["kernel"]
+    np.testing.assert_array_equal(hidden, model.hidden.kernel[...])
+    assert float(jnp.max(jnp.abs(hidden))) < 0.1  # one Adam step (lr 1e-2) from zero, not from the old weights
+    expected = gradtx.unpack_state(step.opt_state)[0].mu["hidden"]["kernel"]
+    step.reset()  # gives the optimizer its state back before forgetting
+    np.testing.assert_array_equal(optimizer.opt_state[0].mu["hidden"]["kernel"][...], expected)
+    step(model, optimizer, *batch)
+    assert int(optimizer.step[...]) == 3

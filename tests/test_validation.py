@@ -50,6 +50,8 @@ NOT_FACTORIES = {
     "packed_layout": "describes a tree of arrays",
     "map_arrays": "lifts a per-array function over trees (layout errors: test_packed.py)",
     "map_shapes": "lifts a per-array shape function over trees",
+    "pack_state": "converts a state to the packed layout (structure errors: test_packed.py)",
+    "unpack_state": "converts a packed state back",
 }
 
 _schedule = gradtx.constant_schedule(0.1)

@@ -54,14 +54,14 @@ def _forward_backward_case(model, x) -> timing.JaxCase:
 class _TrainStepCase:
     """The helper's step on a fresh model and ``nnx.Optimizer``; compile time from ``step.compile``."""
 
-    def __init__(self, tx, layers: int, seed: int, x):
+    def __init__(self, tx, layers: int, seed: int, x, *, packed: bool = False):
         from flax import nnx
 
         from gradtx.contrib.flax import make_train_step
 
         self.model = _tower(layers, seed)
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
-        self.step = make_train_step(_loss)
+        self.step = make_train_step(_loss, packed=packed)
         self.x = x
         start = time.perf_counter()
         self.step.compile(self.model, self.optimizer, x)
@@ -84,6 +84,7 @@ def run_e2e(leaves: int, *, calls: int, optimizer: str = "adamw", seed: int = 0)
     cases = {
         "forward_backward": _forward_backward_case(_tower(layers, seed), x),
         "gradtx": _TrainStepCase(registry.resolve(optimizer)(**entry.kwargs), layers, seed, x),
+        "gradtx_packed": _TrainStepCase(registry.resolve(optimizer)(**entry.kwargs), layers, seed, x, packed=True),
         "optax": _TrainStepCase(getattr(optax, optimizer)(**entry.kwargs), layers, seed, x),
     }
     timing.time_interleaved(list(cases.values()), calls)
@@ -95,7 +96,7 @@ def run_e2e(leaves: int, *, calls: int, optimizer: str = "adamw", seed: int = 0)
         "params": layers * (WIDTH * WIDTH + WIDTH),
         "forward_backward": {"ms_per_step": base_ms, "compile_s": base_compile},
     }
-    for name in ("gradtx", "optax"):
+    for name in ("gradtx", "gradtx_packed", "optax"):
         ms, compile_s = timing.median_ms(cases[name]), cases[name].compile_s
         row[name] = {
             "ms_per_step": ms,
@@ -104,10 +105,10 @@ def run_e2e(leaves: int, *, calls: int, optimizer: str = "adamw", seed: int = 0)
             "added_compile_s": compile_s - base_compile,
         }
     optax_added, optax_added_compile = row["optax"]["added_ms"], row["optax"]["added_compile_s"]
-    row["gradtx_over_optax_added_time"] = row["gradtx"]["added_ms"] / optax_added if optax_added > 0 else None
-    row["gradtx_over_optax_added_compile"] = (
-        row["gradtx"]["added_compile_s"] / optax_added_compile if optax_added_compile > 0 else None
-    )
+    for name in ("gradtx", "gradtx_packed"):
+        added, added_compile = row[name]["added_ms"], row[name]["added_compile_s"]
+        row[f"{name}_over_optax_added_time"] = added / optax_added if optax_added > 0 else None
+        row[f"{name}_over_optax_added_compile"] = added_compile / optax_added_compile if optax_added_compile > 0 else None
     del cases
     gc.collect()
     return row

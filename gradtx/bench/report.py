@@ -185,11 +185,11 @@ def plot_bench(rows: list[dict], path: str, title: str) -> str:
     for ax, (key, label, log) in zip(axes, panels):
         for index, optimizer in enumerate(optimizers):
             selected = sorted((r for r in rows if r["optimizer"] == optimizer), key=lambda r: r["leaves"])
-            leaves = [r["leaves"] for r in selected]
             color = colors[index % len(colors)]
-            for library, style, marker in (("gradtx", "-", "o"), ("optax", "--", "s")):
-                values = [r[library][key] for r in selected]
-                ax.plot(leaves, values, style, marker=marker, color=color, label=f"{optimizer} ({library})")
+            for library, style, marker in (("gradtx", "-", "o"), ("gradtx_packed", "-.", "D"), ("optax", "--", "s")):
+                measured = [(r["leaves"], r[library][key]) for r in selected if r.get(library)]
+                if measured:
+                    ax.plot(*zip(*measured), style, marker=marker, color=color, label=f"{optimizer} ({library})")
             if key != "compile_s":
                 torch_rows = [r for r in selected if "torch_adamw_fused" in r]
                 if torch_rows:
@@ -225,8 +225,10 @@ def plot_e2e(rows: list[dict], path: str, title: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     rows = sorted(rows, key=lambda r: r["leaves"])
     leaves = [r["leaves"] for r in rows]
-    for ax, (key, label) in zip(axes, (("added_ms", "update's added step time (ms)"), ("added_compile_s", "update's added compile time (s)"))):
-        for library, style, marker in (("gradtx", "-", "o"), ("optax", "--", "s")):
+    for ax, (key, label) in zip(
+        axes, (("added_ms", "update's added step time (ms)"), ("added_compile_s", "update's added compile time (s)"))
+    ):
+        for library, style, marker in (("gradtx", "-", "o"), ("gradtx_packed", "-.", "D"), ("optax", "--", "s")):
             ax.plot(leaves, [r[library][key] for r in rows], style, marker=marker, label=library)
         _leaf_axis(ax, leaves)
         ax.set_xlabel("parameter arrays in the model (Linear 128x128 layers x 2)")

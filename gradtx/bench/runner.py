@@ -96,9 +96,23 @@ def _summary(case, params: int, model_bytes: float, triad_ms: float, state_of=No
     return result
 
 
-def run_update(config: UpdateConfig, *, calls: int, use_torch: bool, seed: int = 0) -> dict:
-    """Time one row: triad, gradtx, Optax (and torch for AdamW) in the same rounds; returns the row's figures."""
+LIBRARIES = ("gradtx", "gradtx_packed", "optax")
+
+
+def run_update(
+    config: UpdateConfig, *, calls: int, use_torch: bool, seed: int = 0, with_optax: bool = True, with_per_array: bool = True
+) -> dict:
+    """Time one row: triad, gradtx per array, gradtx packed, Optax (and torch for AdamW) in the same rounds.
+
+    ``gradtx_packed`` is the same transformation on :func:`gradtx.pack`-ed parameters, gradients
+    and state (one buffer per dtype: what the Flax helper's ``packed=True`` step updates).
+    ``with_optax=False`` leaves Optax out of the row (its compile time at thousands of arrays
+    is minutes) and ``with_per_array=False`` gradtx's per-array case; their entries are then
+    ``None``, and the row says so.
+    """
     import optax
+
+    import gradtx
 
     entry = registry.BENCH[config.optimizer]
     gradtx_tx = registry.resolve(config.optimizer)(**entry.kwargs)
@@ -106,13 +120,21 @@ def run_update(config: UpdateConfig, *, calls: int, use_torch: bool, seed: int =
     params_key, grads_key = jax.random.split(jax.random.key(seed))
     shape = leaf_shape(config.params // config.leaves)
     grads = _make_tree(grads_key, config.params, config.leaves)
+    packed_grads = gradtx.pack(grads)
 
     cases: dict[str, Any] = {"triad": timing.triad_case(config.params)}
     states = {}
-    for name, tx in (("gradtx", gradtx_tx), ("optax", optax_tx)):
+    libraries = [("gradtx", gradtx_tx, False)] if with_per_array else []
+    libraries.append(("gradtx_packed", gradtx_tx, True))
+    if with_optax:
+        libraries.append(("optax", optax_tx, False))
+    for name, tx, packed in libraries:
         params = _make_tree(params_key, config.params, config.leaves)
+        params = gradtx.pack(params, packed_grads.layout) if packed else params
         states[name] = jax.eval_shape(tx.init, params)
-        cases[name] = timing.JaxCase(_update_step(tx), (params, tx.init(params)), (grads,))
+        cases[name] = timing.JaxCase(_update_step(tx), (params, tx.init(params)), (packed_grads if packed else grads,))
+    if not with_optax:
+        states["optax"] = jax.eval_shape(optax_tx.init, [jax.ShapeDtypeStruct(shape, jnp.float32)] * config.leaves)
     if use_torch and config.optimizer == "adamw":
         torch_case = _torch_adamw_case(_make_tree(params_key, config.params, config.leaves), grads, entry.kwargs)
         if torch_case is not None:
@@ -132,12 +154,17 @@ def run_update(config: UpdateConfig, *, calls: int, use_torch: bool, seed: int =
         "triad_ms": triad_ms,
         "triad_gb_per_s": timing.TRIAD_BYTES_PER_ELEMENT * config.params / (triad_ms * 1e-3) / 1e9,
     }
-    for name in ("gradtx", "optax"):
-        row[name] = _summary(cases[name], config.params, model_bytes, triad_ms, states[name], param_shapes)
+    for name in LIBRARIES:
+        row[name] = (
+            _summary(cases[name], config.params, model_bytes, triad_ms, states[name], param_shapes) if name in cases else None
+        )
     if "torch_adamw_fused" in cases:
         row["torch_adamw_fused"] = _summary(cases["torch_adamw_fused"], config.params, model_bytes, triad_ms)
-    row["gradtx_over_optax_time"] = row["gradtx"]["ms_per_step"] / row["optax"]["ms_per_step"]
-    row["gradtx_over_optax_compile"] = row["gradtx"]["compile_s"] / row["optax"]["compile_s"]
+    row["skipped"] = [name for name in LIBRARIES if name not in cases]
+    for name in ("gradtx", "gradtx_packed"):
+        for key, figure in (("time", "ms_per_step"), ("compile", "compile_s")):
+            both = row[name] is not None and row["optax"] is not None
+            row[f"{name}_over_optax_{key}"] = row[name][figure] / row["optax"][figure] if both else None
     del cases, states
     gc.collect()
     return row

@@ -37,6 +37,8 @@ import jax
 from flax import nnx
 
 from gradtx import _checks
+from gradtx import packed as packing
+from gradtx.combine import apply_updates
 
 
 class StepContext(NamedTuple):
@@ -60,6 +62,23 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _is_plain(variables: list, arrays: list) -> bool:
+    return all(isinstance(a, jax.Array) and not v.get_metadata().get("hijax") for a, v in zip(arrays, variables))
+
+
+def _store(variables: list, arrays: list, plain: bool) -> None:
+    if not (plain and variables):
+        for variable, array in zip(variables, arrays):
+            variable.set_raw_value(array)
+        return
+    # set_raw_value checks the trace context at every call, ~2 us each: 14 ms per step for the
+    # 6,000 Variables of a 2,048-array model under Adam. Check once, then store directly, as
+    # Flax's own nnx.jit_partial does.
+    variables[0].set_raw_value(arrays[0])
+    for variable, array in zip(variables[1:], arrays[1:]):
+        object.__setattr__(variable, "_raw_value", array)
+
+
 class _Binding(NamedTuple):
     """The graph walk of one set of nodes, done once: their Variables, in the order of their pure state."""
 
@@ -76,23 +95,13 @@ class _Binding(NamedTuple):
         arrays, treedef = jax.tree.flatten(nnx.as_pure(state))
         if len(arrays) != len(variables) or any(a is not v.get_raw_value() for a, v in zip(arrays, variables)):
             raise TypeError("gradtx.contrib.flax: every Variable of the model and optimizer must hold exactly one array")
-        plain = all(isinstance(a, jax.Array) and not v.get_metadata().get("hijax") for a, v in zip(arrays, variables))
-        return cls(nodes, graphdef, treedef, variables, plain)
+        return cls(nodes, graphdef, treedef, variables, _is_plain(variables, arrays))
 
     def read(self) -> list:
         return [variable.get_raw_value() for variable in self.variables]
 
     def write(self, arrays: list) -> None:
-        if not (self.plain and self.variables):
-            for variable, array in zip(self.variables, arrays):
-                variable.set_raw_value(array)
-            return
-        # set_raw_value checks the trace context at every call, ~2 us each: 14 ms per step for the
-        # 6,000 Variables of a 2,048-array model under Adam. Check once, then store directly, as
-        # Flax's own nnx.jit_partial does.
-        self.variables[0].set_raw_value(arrays[0])
-        for variable, array in zip(self.variables[1:], arrays[1:]):
-            object.__setattr__(variable, "_raw_value", array)
+        _store(self.variables, arrays, self.plain)
 
     def merge(self, arrays: list) -> tuple:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, arrays))
@@ -187,6 +196,187 @@ class TrainStep(_CachedStep):
         return StepContext(value=value, aux=aux, batch=batch, grad_fn=jax.grad(loss_at), evaluate=evaluate)
 
 
+class _VariableGroup(NamedTuple):
+    """Variables whose arrays travel together through the packed step (read, then written back)."""
+
+    variables: list
+    treedef: Any
+    plain: bool
+
+    @classmethod
+    def of(cls, state) -> _VariableGroup:
+        variables = jax.tree.leaves(state, is_leaf=_is_variable)
+        arrays, treedef = jax.tree.flatten(nnx.as_pure(state))
+        if len(arrays) != len(variables):
+            raise TypeError("gradtx.contrib.flax: every Variable of the model and optimizer must hold exactly one array")
+        return cls(variables, treedef, _is_plain(variables, arrays))
+
+    def read(self) -> list:
+        return [variable.get_raw_value() for variable in self.variables]
+
+    def write(self, arrays: list) -> None:
+        _store(self.variables, arrays, self.plain)
+
+
+class _PackedBinding(NamedTuple):
+    model: Any
+    optimizer: Any
+    graphdef: Any
+    params: _VariableGroup
+    rest: _VariableGroup
+    opt_state: _VariableGroup
+    layout: packing.PackedLayout
+
+
+class PackedTrainStep:
+    """``step(model, optimizer, *batch) -> loss`` on packed parameters (see :func:`make_train_step` with ``packed=True``).
+
+    On the first call with a model and optimizer the step packs the parameters selected by
+    ``optimizer.wrt`` into one buffer per dtype (:func:`gradtx.pack`) and converts the
+    optimizer state to that layout (:func:`gradtx.pack_state`); the step then holds both. Each
+    call computes the loss and the per-array gradients on views of the packed parameters,
+    packs the gradients, runs ``optimizer.tx`` on the packed buffers (a few fused kernels) and
+    writes the new parameters back into the model, so the model is current after every step.
+
+    The optimizer's own ``opt_state`` arrays are released when the step takes over (reading
+    them raises "Array has been deleted"); ``step.sync()`` writes the step's state back into
+    ``optimizer.opt_state`` (before a checkpoint or an evaluation with ``eval_params``).
+    After changing the model's structure or restoring the optimizer, call ``step.reset()``.
+    """
+
+    def __init__(self, loss_fn, has_aux: bool, donate: bool, extra_args):
+        self._loss_fn = loss_fn
+        self._has_aux = has_aux
+        self._donate = donate
+        self._extra_args = extra_args
+        self._binding: _PackedBinding | None = None
+        self._compiled: Callable | None = None
+        self._jitted: Callable | None = None
+        self.packed_params = None
+        self.opt_state = None
+        self._offsets: list = []
+        self._written: list | None = None
+        self._grads = None
+
+    def reset(self) -> None:
+        """Forget the packed copy and the compiled program; the next call packs the model and optimizer again."""
+        if self._binding is not None and any(a.is_deleted() for a in self._binding.opt_state.read() if isinstance(a, jax.Array)):
+            self.sync()  # the optimizer holds no valid state of its own: give it the step's
+        self._binding = self._compiled = self._jitted = None
+        self.packed_params = self.opt_state = self._grads = None
+
+    def sync(self) -> None:
+        """Write the step's optimizer state back into ``optimizer.opt_state`` (per array, as ``nnx.Optimizer`` keeps it)."""
+        if self._binding is None:
+            return
+        per_array = jax.jit(packing.unpack_state)(self.opt_state)
+        self._binding.opt_state.write(jax.tree.leaves(per_array))
+
+    def __call__(self, model, optimizer, *batch):
+        binding, compiled = self._bind(model, optimizer)
+        params = self._current_params(binding)
+        carry = (self.packed_params, self.opt_state, binding.rest.read(), optimizer.step.get_raw_value(), params, self._grads)
+        (self.packed_params, self.opt_state, rest, count, params, self._grads), output = compiled(*carry, self._offsets, *batch)
+        binding.params.write(params)
+        self._written = params
+        binding.rest.write(rest)
+        optimizer.step.set_raw_value(count)
+        return output
+
+    def lower(self, model, optimizer, *batch) -> jax.stages.Lowered:
+        """The lowered step for these arguments (to read its HLO or compile it separately)."""
+        binding, _ = self._bind(model, optimizer)
+        carry = (self.packed_params, self.opt_state, binding.rest.read(), optimizer.step.get_raw_value(), binding.params.read())
+        return self._jitted.lower(*carry, self._grads, self._offsets, *batch)
+
+    def _current_params(self, binding: _PackedBinding) -> list:
+        params = binding.params.read()
+        if self._written is not None and any(a is not b for a, b in zip(params, self._written)):
+            # The model's parameters were changed between steps (nnx.update, a restored
+            # checkpoint): pack them again, so the update starts from what the model holds.
+            self.packed_params = jax.jit(packing.pack, static_argnums=1)(
+                jax.tree.unflatten(binding.params.treedef, params), binding.layout
+            )
+        return params
+
+    def compile(self, model, optimizer, *batch) -> jax.stages.Compiled:
+        """Compile ahead of time for these arguments' shapes; later calls reuse this executable."""
+        self._compiled = self.lower(model, optimizer, *batch).compile()
+        return self._compiled
+
+    def _bind(self, model, optimizer) -> tuple[_PackedBinding, Callable]:
+        binding = self._binding
+        if binding is not None and binding.model is model and binding.optimizer is optimizer:
+            return binding, self._compiled
+        if binding is not None:
+            self.reset()
+        graphdef, params_state, rest_state = nnx.split(model, optimizer.wrt, ...)
+        params_pure = nnx.as_pure(params_state)
+        layout = packing.packed_layout(params_pure)
+        binding = _PackedBinding(
+            model, optimizer, graphdef, _VariableGroup.of(params_state), _VariableGroup.of(rest_state),
+            _VariableGroup.of(optimizer.opt_state), layout,
+        )  # fmt: skip
+        opt_arrays = binding.opt_state.read()
+        self.packed_params = jax.jit(packing.pack, static_argnums=1)(params_pure, layout)
+        self.opt_state = jax.jit(lambda state: packing.pack_state(optimizer.tx, state, layout))(nnx.as_pure(optimizer.opt_state))
+        # The step owns the state now; free the per-array copy (never an array the model shares).
+        model_arrays = {id(a) for a in binding.params.read() + binding.rest.read()}
+        for array in opt_arrays:
+            if isinstance(array, jax.Array) and id(array) not in model_arrays:
+                array.delete()
+        pure = lambda *args: self._pure(binding, optimizer.tx, *args)  # noqa: E731
+        self._offsets = packing.slice_offsets(layout)
+        self._written = None
+        # The packed gradient is carried from step to step (donated) only so that XLA writes it
+        # into memory that is already mapped: a fresh 64 MiB temporary costs ~25 ms of page
+        # faults per step on CPU, more than the update itself.
+        self._grads = jax.tree.map(jax.numpy.zeros_like, self.packed_params)
+        # Donated: the packed carry and the model's arrays (their buffers take the new values).
+        donated = (0, 1, 2, 3, 4, 5) if self._donate else ()
+        self._binding = binding
+        self._jitted = self._compiled = jax.jit(pure, donate_argnums=donated, keep_unused=True)
+        return binding, self._compiled
+
+    def _pure(self, binding: _PackedBinding, tx, packed_params, opt_state, rest, count, params, grads, offsets, *batch):
+        del grads  # only its buffer is reused
+        layout = binding.layout
+        # The forward pass reads the model's own arrays (equal to the packed ones: _current_params
+        # re-packs if they were changed), so no slice of the buffer is copied for it.
+        params_pure = jax.tree.unflatten(binding.params.treedef, params)
+        model = nnx.merge(binding.graphdef, params_pure, jax.tree.unflatten(binding.rest.treedef, rest))
+        wrt = binding.optimizer.wrt
+        grad = nnx.value_and_grad(self._loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=self._has_aux)
+        output, grads = grad(model, *batch)
+        packed_grads = packing.pack(nnx.as_pure(grads), layout)
+        kwargs = {} if self._extra_args is None else dict(self._extra_args(self._context(model, output, batch, layout)))
+        updates, opt_state = tx.update(packed_grads, opt_state, packed_params, **kwargs)
+        packed_params = apply_updates(packed_params, updates)
+        _, _, rest_state = nnx.split(model, wrt, ...)
+        new_params = jax.tree.leaves(packing.unpack(packed_params, offsets))
+        rest = jax.tree.leaves(nnx.as_pure(rest_state))
+        return (packed_params, opt_state, rest, count + 1, new_params, packed_grads), output
+
+    def _context(self, model, output, batch, layout) -> StepContext:
+        value, aux = output if self._has_aux else (output, None)
+
+        def evaluate(params, fn):
+            at_params = nnx.clone(model)
+            nnx.update(at_params, packing.unpack(params) if packing.is_packed(params) else params)
+            return fn(at_params, *batch)
+
+        def loss_at(params):
+            output = evaluate(params, self._loss_fn)
+            return output[0] if self._has_aux else output
+
+        def grad_fn(params):
+            if not packing.is_packed(params):
+                return jax.grad(loss_at)(params)
+            return packing.pack(jax.grad(loss_at)(packing.unpack(params)), layout)
+
+        return StepContext(value=value, aux=aux, batch=batch, grad_fn=grad_fn, evaluate=evaluate)
+
+
 class EvalStep(_CachedStep):
     """``step(model, optimizer, *batch) -> fn(model_at_eval_params, *batch)`` (see :func:`make_eval_step`)."""
 
@@ -218,6 +408,7 @@ def make_train_step(
     has_aux: bool = False,
     donate: bool = True,
     extra_args: Callable[[StepContext], Mapping[str, Any]] | None = None,
+    packed: bool = False,
 ) -> TrainStep:
     r"""Build a jit-compiled, buffer-donating training step for a Flax NNX model and ``nnx.Optimizer``.
 
@@ -241,6 +432,11 @@ def make_train_step(
             passed to ``optimizer.update``, from a :class:`StepContext` (loss value, batch,
             gradient at other parameters, model evaluated at other parameters). SAM:
             ``lambda ctx: {"grad_fn": ctx.grad_fn}``.
+        packed: keep the parameters, gradients and optimizer state in one buffer per dtype
+            (:func:`gradtx.pack`), so that the update is a few fused kernels and compiles in
+            time independent of the number of arrays (see :class:`PackedTrainStep` and
+            ``docs/performance.md``). Same numbers as the per-array step; the optimizer's
+            ``opt_state`` is then held by the step (``step.sync()`` writes it back).
 
     Returns:
         A :class:`TrainStep`: ``step(model, optimizer, *batch) -> loss`` (or ``(loss, aux)``);
@@ -270,6 +466,9 @@ def make_train_step(
         raise TypeError(f"{owner}: extra_args must be None or callable, got {extra_args!r}")
     _checks.one_of(owner, "has_aux", has_aux, (False, True))
     _checks.one_of(owner, "donate", donate, (False, True))
+    _checks.one_of(owner, "packed", packed, (False, True))
+    if packed:
+        return PackedTrainStep(loss_fn, bool(has_aux), bool(donate), extra_args)
     return TrainStep(loss_fn, bool(has_aux), bool(donate), extra_args)
 
 
