@@ -422,7 +422,7 @@ def _bench_outputs(payload: dict, out: str, params: int) -> None:
                 figure(r, "gradtx", "roofline_ratio"), figure(r, "gradtx_packed", "roofline_ratio"),
                 figure(r, "optax", "roofline_ratio"), figure(r, "gradtx", "compile_s"), figure(r, "gradtx_packed", "compile_s"),
                 figure(r, "optax", "compile_s"),
-                f"{figure(r, 'gradtx_packed', 'state_bytes_per_parameter'):.3g}, {figure(r, 'optax', 'state_bytes_per_parameter') or 0:.3g}",
+                ", ".join(_bytes(figure(r, library, "state_bytes_per_parameter")) for library in ("gradtx_packed", "optax")),
                 (r.get("torch_adamw_fused") or {}).get("ms_per_step"),
             )
             for r in rows
@@ -451,6 +451,10 @@ def _bench_outputs(payload: dict, out: str, params: int) -> None:
         print(report.table(headers, table_rows))
         title = f"End-to-end Flax NNX train step (AdamW), {where}"
         payload["plots"].append(report.plot_e2e(payload["e2e"], os.path.join(out, "bench_e2e.png"), title))
+
+
+def _bytes(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _fail(prog: str, error: UsageError) -> int:

@@ -314,9 +314,17 @@ def _assemble(outputs: list, kind: str, layout: PackedLayout, owner: str) -> Any
     return Packed(buffers, layout)
 
 
+def _map_run(fn: Callable, views: list) -> Any:
+    if views[0].shape[0] != 1:
+        return jax.vmap(fn)(*views)
+    # A run of one array: call fn on the array itself. XLA:CPU reduces a (1, n) view along
+    # its rows ~15x slower than the same n elements as one array (50 ms vs 3 ms for 16M).
+    return jax.tree.map(lambda out: out[None], fn(*(view[0] for view in views)))
+
+
 def _map_packed(fn: Callable, n_out: int | None, kinds: tuple, owner: str, first: Packed, *rest) -> Any:
     layout = first.layout
-    per_run = [jax.vmap(fn)(*(_run_view(x, layout, r) for x in (first, *rest))) for r in range(len(layout.runs))]
+    per_run = [_map_run(fn, [_run_view(x, layout, r) for x in (first, *rest)]) for r in range(len(layout.runs))]
     if n_out is None:
         return _assemble(per_run, kinds[0], layout, owner)
     return tuple(_assemble([out[j] for out in per_run], kinds[j], layout, owner) for j in range(n_out))

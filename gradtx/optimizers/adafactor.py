@@ -171,11 +171,11 @@ def _scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation
     """Multiply each leaf's update by the RMS of its parameter, at least ``min_scale`` (Adafactor's relative step size)."""
 
     def per_leaf(u, p):
-        p_wide = tree.at_least_float32(p)
-        rms = jnp.sqrt(jnp.mean(tree.abs_sq(p_wide)))
-        too_small = rms <= min_scale
-        # The RMS of a stand-in of ones keeps the derivative finite at p = 0 (meta-gradients).
-        safe_rms = jnp.sqrt(jnp.mean(tree.abs_sq(jnp.where(too_small, jnp.ones_like(p_wide), p_wide))))
+        mean_square = jnp.mean(tree.abs_sq(tree.at_least_float32(p)))
+        too_small = jnp.sqrt(mean_square) <= min_scale
+        # The root of 1 on the discarded branch keeps the derivative finite at p = 0
+        # (meta-gradients) without a second pass over p.
+        safe_rms = jnp.sqrt(jnp.where(too_small, 1.0, mean_square))
         return (u * jnp.where(too_small, min_scale, safe_rms)).astype(u.dtype)
 
     return packed.per_array("adafactor", per_leaf, needs_params=True)
