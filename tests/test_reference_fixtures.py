@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from reference_problem import FIXTURES
 
@@ -55,4 +56,25 @@ def test_script_reproduces_its_fixtures(script, tmp_path):
     assert written
     for path in written:
         with open(path) as mine, open(os.path.join(FIXTURES, os.path.basename(path))) as committed:
-            assert json.load(mine)["trajectory"] == json.load(committed)["trajectory"], os.path.basename(path)
+            _assert_same_trajectory(json.load(mine)["trajectory"], json.load(committed)["trajectory"], os.path.basename(path))
+
+
+def _assert_same_trajectory(mine, committed, name):
+    # Bit equality holds only on the CPU that wrote the fixture: torch picks its vectorized
+    # kernels (AVX2, AVX-512) per machine, and their float32 results differ in the last bits
+    # (seen: 2.5e-7 relative on one Lookahead kernel entry between an AMD EPYC and an Intel
+    # Xeon). So compare to 1e-6 of each leaf's largest magnitude: a few float32 ulps, far
+    # below any difference a change of the reference's math would make.
+    if isinstance(committed, dict):
+        assert isinstance(mine, dict) and mine.keys() == committed.keys(), name
+        for key in committed:
+            _assert_same_trajectory(mine[key], committed[key], f"{name}[{key!r}]")
+    elif isinstance(committed, list) and committed and isinstance(committed[0], dict):
+        assert isinstance(mine, list) and len(mine) == len(committed), name
+        for step, (a, b) in enumerate(zip(mine, committed, strict=True)):
+            _assert_same_trajectory(a, b, f"{name}[{step}]")
+    else:
+        a, b = np.asarray(mine, np.float64), np.asarray(committed, np.float64)
+        scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
+        assert a.shape == b.shape, name
+        assert float(np.max(np.abs(a - b), initial=0.0)) <= 1e-6 * scale, name
