@@ -85,11 +85,10 @@ def _extra_args(name):
     return {}
 
 
-# Adafactor builds its state from ShapeDtypeStructs it derives from the parameters' shapes,
-# and 8-bit moments are flat codes and block scales made from shapes alone, so nothing ties
-# that state to the parameters (see docs/distributed.md, Caveats; for Adafactor the fix is
-# tree.zeros_like_derived in its init). Strict: a fix makes these tests fail until listed off.
-UNPLACED = {"adafactor", "adafactor_factored", "adam_8bit"}
+# 8-bit moments are flat codes and block scales made from shapes alone, so nothing ties them
+# to their parameter's sharding (see docs/distributed.md, Caveats). Strict: a fix makes these
+# tests fail until listed off.
+UNPLACED = {"adam_8bit"}
 # Optimizers with per-layer reductions (norms, means, factored moments); the others are elementwise.
 PER_LAYER = {"lamb", "lars", "novograd", "ranger", "sam", "clip_by_global_norm+adam", "adafactor_factored", "adafactor"}
 
@@ -131,7 +130,7 @@ def _update_step(name):
 
 def _mark(name):
     if name in UNPLACED:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="adafactor: state not tied to params"))
+        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="8-bit moments: flat codes and block scales are not placed like their parameter"))
     return name
 
 

@@ -126,7 +126,8 @@ def factored_second_moment(
     def init(params):
         # Packed params: one stacked (count, ...) state array per run of equal shapes.
         v_row, v_col, v = packed.map_shapes(state_shapes, params, n_out=3)
-        v_row, v_col, v = tree.zeros_like(v_row), tree.zeros_like(v_col), tree.zeros_like(v)
+        # Placed like each parameter (or its row/column slice), so a sharded model's statistics are sharded too.
+        v_row, v_col, v = (tree.zeros_like_derived(shapes, params) for shapes in (v_row, v_col, v))
         return FactoredState(count=tree.zero_count(), v_row=v_row, v_col=v_col, v=v)
 
     def update(updates, state, params=None, **extra_args):
