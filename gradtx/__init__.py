@@ -106,7 +106,12 @@ from gradtx.schedules import (
     warmup_exponential_decay_schedule,
     with_warmup,
 )
+
+# Scale-out: state placement on device meshes and ZeRO-1 state sharding.
+from gradtx.sharding.placement import abstract_state, device_bytes, state_shardings
+from gradtx.sharding.zero import zero1, zero1_dim
 from gradtx.state.accounting import state_bytes, state_bytes_per_parameter
+
 # Memory engine: block-wise 8-bit moment storage (docs/memory.md).
 from gradtx.state.quantize import Quantized8bit, QuantizedArray, dequantize_blockwise, quantize_blockwise
 from gradtx.transforms.clipping import clip, clip_by_block_rms, clip_by_global_norm
@@ -149,10 +154,6 @@ from gradtx.wrappers.schedule_free import (
     schedule_free_eval_params,
     schedule_free_sgd,
 )
-
-# Scale-out: state placement on device meshes and ZeRO-1 state sharding.
-from gradtx.sharding.placement import abstract_state, device_bytes, state_shardings
-from gradtx.sharding.zero import zero1, zero1_dim
 
 __all__ = [
     # sharding
