@@ -113,12 +113,15 @@ def set_to_zero() -> GradientTransformation:
     return elementwise("set_to_zero", jax.numpy.zeros_like)
 
 
-def elementwise(owner: str, per_leaf: Callable[..., jax.Array], *, needs_params: bool = False) -> GradientTransformation:
+def elementwise(
+    owner: str, per_leaf: Callable[..., jax.Array], *, needs_params: bool = False, tree_map: Callable[..., Any] = jax.tree.map
+) -> GradientTransformation:
     """Lift a per-leaf function ``u -> f(u)`` (or ``(u, p) -> f(u, p)``) to a stateless transformation.
 
     Internal: the elementwise building blocks share it, so their math is written once per
     array and lifted to pytrees here. ``None`` leaves (masked-out updates) pass through.
-    ``owner`` names the public function in error messages.
+    ``owner`` names the public function in error messages. ``tree_map`` lifts ``per_leaf``
+    (``gradtx.packed.per_array`` passes one that keeps per-array reductions on packed trees).
     """
 
     def init(params):
@@ -128,9 +131,9 @@ def elementwise(owner: str, per_leaf: Callable[..., jax.Array], *, needs_params:
     def update(updates, state, params=None, **extra_args):
         del extra_args
         if not needs_params:
-            return jax.tree.map(per_leaf, updates), state
+            return tree_map(per_leaf, updates), state
         if params is None:
             raise ValueError(f"{owner}: update needs params, got params=None")
-        return jax.tree.map(per_leaf, updates, params), state
+        return tree_map(per_leaf, updates, params), state
 
     return GradientTransformation(init, update)

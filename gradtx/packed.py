@@ -435,21 +435,9 @@ def per_array(owner: str, per_leaf: Callable[..., jax.Array], *, needs_params: b
     Internal: like ``gradtx.base.elementwise``, but through :func:`map_arrays`, so that on
     :class:`Packed` updates each array keeps its own reduction (one kernel per distinct shape).
     """
-    from gradtx.base import EmptyState, GradientTransformation
+    from gradtx.base import elementwise
 
-    def init(params):
-        del params
-        return EmptyState()
-
-    def update(updates, state, params=None, **extra_args):
-        del extra_args
-        if not needs_params:
-            return map_arrays(per_leaf, updates, owner=owner), state
-        if params is None:
-            raise ValueError(f"{owner}: update needs params, got params=None")
-        return map_arrays(per_leaf, updates, params, owner=owner), state
-
-    return GradientTransformation(init, update)
+    return elementwise(owner, per_leaf, needs_params=needs_params, tree_map=functools.partial(map_arrays, owner=owner))
 
 
 # Subsets of a packed tree (masked / partition): the selected arrays as a packed tree of their own.
