@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradtx import tree as tree_lib
+from gradtx.base import elementwise
+
 
 @dataclasses.dataclass(frozen=True)
 class LeafSlot:
@@ -367,11 +370,7 @@ def map_arrays(
         raise ValueError(f"{owner}: kinds must hold one of 'packed', 'stacked' per output, got {kinds!r}")
     if not contains_packed(trees[0]):
         mapped = jax.tree.map(fn, *trees)
-        if n_out is None:
-            return mapped
-        from gradtx.tree import unzip
-
-        return unzip(mapped, trees[0], n_out)
+        return mapped if n_out is None else tree_lib.unzip(mapped, trees[0], n_out)
 
     def at_leaf(x, *rest):
         if is_packed(x):
@@ -379,11 +378,7 @@ def map_arrays(
         return fn(x, *rest)
 
     mapped = jax.tree.map(at_leaf, *trees, is_leaf=is_packed)
-    if n_out is None:
-        return mapped
-    outer = jax.tree.structure(trees[0], is_leaf=is_packed)
-    leaves = outer.flatten_up_to(mapped)
-    return tuple(outer.unflatten([leaf[j] for leaf in leaves]) for j in range(n_out))
+    return mapped if n_out is None else tree_lib.unzip(mapped, trees[0], n_out, is_leaf=is_packed)
 
 
 def map_shapes(fn: Callable, tree: Any, n_out: int | None = None) -> Any:
@@ -422,11 +417,7 @@ def map_shapes(fn: Callable, tree: Any, n_out: int | None = None) -> Any:
         return stacked if n_out is not None else stacked[0]
 
     mapped = jax.tree.map(lambda x: stack(x) if is_packed(x) else fn(x), tree, is_leaf=is_packed)
-    if n_out is None:
-        return mapped
-    outer = jax.tree.structure(tree, is_leaf=is_packed)
-    leaves = outer.flatten_up_to(mapped)
-    return tuple(outer.unflatten([leaf[j] for leaf in leaves]) for j in range(n_out))
+    return mapped if n_out is None else tree_lib.unzip(mapped, tree, n_out, is_leaf=is_packed)
 
 
 def per_array(owner: str, per_leaf: Callable[..., jax.Array], *, needs_params: bool = False):
@@ -435,8 +426,6 @@ def per_array(owner: str, per_leaf: Callable[..., jax.Array], *, needs_params: b
     Internal: like ``gradtx.base.elementwise``, but through :func:`map_arrays`, so that on
     :class:`Packed` updates each array keeps its own reduction (one kernel per distinct shape).
     """
-    from gradtx.base import elementwise
-
     return elementwise(owner, per_leaf, needs_params=needs_params, tree_map=functools.partial(map_arrays, owner=owner))
 
 

@@ -205,9 +205,13 @@ def debias(moment: jax.Array, decay, count: jax.Array) -> jax.Array:
     return moment / bias_correction(decay, count).astype(moment.dtype)
 
 
-def unzip(per_leaf_tuples: Any, like: Any, n: int) -> tuple:
-    """Turn a tree of ``n``-tuples (one per leaf of ``like``) into ``n`` trees shaped like ``like``."""
-    outer = jax.tree.structure(like)
+def unzip(per_leaf_tuples: Any, like: Any, n: int, *, is_leaf=None) -> tuple:
+    """Turn a tree of ``n``-tuples (one per leaf of ``like``) into ``n`` trees shaped like ``like``.
+
+    ``is_leaf`` decides what counts as a leaf of ``like`` (``gradtx.packed`` passes one that
+    stops at ``Packed`` nodes, whose per-leaf results are tuples of ``Packed``/``Stacked``).
+    """
+    outer = jax.tree.structure(like, is_leaf=is_leaf)
     if outer.num_leaves == 0:
         # Every leaf masked out: nothing to transpose (and jax.tree.transpose cannot infer an empty one).
         return (jax.tree.unflatten(outer, []),) * n
