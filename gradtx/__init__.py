@@ -20,6 +20,7 @@ from gradtx.combine import (
     named_chain,
     partition,
 )
+from gradtx.compilation import compiler_options
 from gradtx.optimizers.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
 from gradtx.optimizers.adabound import (
     ScaleByAdaBoundState,
@@ -156,6 +157,8 @@ from gradtx.wrappers.schedule_free import (
 )
 
 __all__ = [
+    # compiler options for jitted steps
+    "compiler_options",
     # sharding
     "abstract_state",
     "device_bytes",

@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="time Optax (and gradtx per array) only up to this many arrays; rows above it record the skip "
         "(Optax compiles LAMB over 4096 arrays for ~8 minutes)",
     )
+    bench.add_argument(
+        "--xla-defaults",
+        action="store_true",
+        help="compile the update rows with XLA's default options instead of gradtx.compiler_options() (for every "
+        "library alike; on CPU the default copies a donated moment that is read after being overwritten, e.g. Lion's)",
+    )
     bench.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random parameters and gradients")
     bench.set_defaults(run=_bench)
     return parser
@@ -317,6 +323,7 @@ def _bench_plan(args):
 
 def _bench(args) -> int:
     from gradtx.bench import registry
+    from gradtx.compilation import compiler_options as gradtx_compiler_options
 
     names = _names(args.optimizers, registry.BENCH)
     params, leaf_counts, e2e_leaves = _bench_plan(args)
@@ -348,6 +355,7 @@ def _bench(args) -> int:
             "e2e_leaves": list(e2e_leaves) if e2e else [],
             "seed": args.seed,
             "optax_max_leaves": args.optax_max_leaves,
+            "compiler_options": {} if args.xla_defaults else gradtx_compiler_options(),
         },
         "machine": report.machine_info(),
         "method": "median of the timed calls after one warm-up; gradtx, Optax, torch and the donated triad interleaved in "
@@ -372,6 +380,7 @@ def _bench(args) -> int:
                     seed=args.seed,
                     with_optax=per_array,
                     with_per_array=per_array,
+                    compiler_options={} if args.xla_defaults else None,
                 )
                 payload["update"].append(row)
                 report.write_json(json_path, payload)

@@ -37,6 +37,7 @@ NOT_FACTORIES = {
     "gnb_hessian_estimate": "Hessian estimator called at run time (params and key in, tree out)",
     "hutchinson_hessian_estimate": "Hessian estimator called at run time (params and key in, tree out)",
     "identity": "takes no arguments",
+    "compiler_options": "returns XLA compiler options for jax.jit; its backend argument is checked by test_compilation.py",
     "set_to_zero": "takes no arguments",
     "centralize": "takes no arguments",
     "scale_by_sign": "takes no arguments",

@@ -100,7 +100,14 @@ LIBRARIES = ("gradtx", "gradtx_packed", "optax")
 
 
 def run_update(
-    config: UpdateConfig, *, calls: int, use_torch: bool, seed: int = 0, with_optax: bool = True, with_per_array: bool = True
+    config: UpdateConfig,
+    *,
+    calls: int,
+    use_torch: bool,
+    seed: int = 0,
+    with_optax: bool = True,
+    with_per_array: bool = True,
+    compiler_options: dict | None = None,
 ) -> dict:
     """Time one row: triad, gradtx per array, gradtx packed, Optax (and torch for AdamW) in the same rounds.
 
@@ -108,7 +115,8 @@ def run_update(
     and state (one buffer per dtype: what the Flax helper's ``packed=True`` step updates).
     ``with_optax=False`` leaves Optax out of the row (its compile time at thousands of arrays
     is minutes) and ``with_per_array=False`` gradtx's per-array case; their entries are then
-    ``None``, and the row says so.
+    ``None``, and the row says so. ``compiler_options`` apply to every case alike (``None``:
+    :func:`gradtx.compiler_options`; ``{}``: XLA's defaults).
     """
     import optax
 
@@ -132,7 +140,12 @@ def run_update(
         params = _make_tree(params_key, config.params, config.leaves)
         params = gradtx.pack(params, packed_grads.layout) if packed else params
         states[name] = jax.eval_shape(tx.init, params)
-        cases[name] = timing.JaxCase(_update_step(tx), (params, tx.init(params)), (packed_grads if packed else grads,))
+        cases[name] = timing.JaxCase(
+            _update_step(tx),
+            (params, tx.init(params)),
+            (packed_grads if packed else grads,),
+            compiler_options=compiler_options,
+        )
     if not with_optax:
         states["optax"] = jax.eval_shape(optax_tx.init, [jax.ShapeDtypeStruct(shape, jnp.float32)] * config.leaves)
     if use_torch and config.optimizer == "adamw":

@@ -22,12 +22,19 @@ class JaxCase:
     With an empty ``carry`` the step's outputs are discarded (nothing is threaded or donated).
 
     ``compile_s`` is the wall time of ``jax.jit(step).lower(...).compile()``, tracing included.
+    ``compiler_options`` (``None``: :func:`gradtx.compiler_options`, ``{}``: XLA's defaults) are
+    the same for every library compared in a run.
     """
 
-    def __init__(self, step: Callable, carry: tuple, constants: tuple = (), *, donate: bool = True):
+    def __init__(
+        self, step: Callable, carry: tuple, constants: tuple = (), *, donate: bool = True, compiler_options: dict | None = None
+    ):
+        from gradtx.compilation import compiler_options as recommended
+
         donated = tuple(range(len(carry))) if donate else ()
+        options = recommended() if compiler_options is None else compiler_options
         start = time.perf_counter()
-        self.executable = jax.jit(step, donate_argnums=donated).lower(*carry, *constants).compile()
+        self.executable = jax.jit(step, donate_argnums=donated, compiler_options=options).lower(*carry, *constants).compile()
         self.compile_s = time.perf_counter() - start
         self.carry = carry
         self.constants = constants

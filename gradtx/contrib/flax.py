@@ -39,6 +39,7 @@ from flax import nnx
 from gradtx import _checks
 from gradtx import packed as packing
 from gradtx.combine import apply_updates
+from gradtx.compilation import compiler_options
 
 
 class StepContext(NamedTuple):
@@ -128,7 +129,7 @@ class _CachedStep:
             binding = _Binding.of(nodes)
             pure = lambda arrays, *batch: self._pure(binding, arrays, *batch)  # noqa: E731
             self._binding = binding
-            self._jitted = jax.jit(pure, donate_argnums=(0,) if self._donate else ())
+            self._jitted = jax.jit(pure, donate_argnums=(0,) if self._donate else (), compiler_options=compiler_options())
             self._compiled = self._jitted
         return binding, self._compiled
 
@@ -335,7 +336,9 @@ class PackedTrainStep:
         # Donated: the packed carry and the model's arrays (their buffers take the new values).
         donated = (0, 1, 2, 3, 4, 5) if self._donate else ()
         self._binding = binding
-        self._jitted = self._compiled = jax.jit(pure, donate_argnums=donated, keep_unused=True)
+        self._jitted = self._compiled = jax.jit(
+            pure, donate_argnums=donated, keep_unused=True, compiler_options=compiler_options()
+        )
         return binding, self._compiled
 
     def _pure(self, binding: _PackedBinding, tx, packed_params, opt_state, rest, count, params, grads, offsets, *batch):
@@ -420,7 +423,9 @@ def make_train_step(
     The gradient is taken with respect to ``optimizer.wrt``. The model and the optimizer are
     updated in place (their arrays are donated to the compiled step), exactly as
     ``optimizer.update(model, grads)`` inside ``nnx.jit`` would, but without walking the
-    object graph at every call; see the module docstring for the cache and its caveat.
+    object graph at every call; see the module docstring for the cache and its caveat. The step
+    is compiled with :func:`gradtx.compiler_options` (on CPU: donated state updated in place
+    without XLA's single-threaded defensive copies; the arithmetic is unchanged).
 
     Args:
         loss_fn: ``loss_fn(model, *batch) -> loss`` (a scalar), or ``(loss, aux)`` with ``has_aux``.
