@@ -226,7 +226,7 @@ def test_narrow_storage_keeps_arithmetic_in_float32(dtype):
 
 # Every alias whose optimizer keeps moments takes state_dtype; those below are owned elsewhere
 # (factored, per-layer or Hessian moments, schedule-free sequences) and checked by their own tests.
-WITHOUT_STATE_DTYPE = {"lars", "novograd", "adafactor", "schedule_free_adamw", "schedule_free_sgd", "sophia_h"}
+WITHOUT_STATE_DTYPE = {"schedule_free_sgd"}  # takes state_dtype, but has no moment: its one state is the iterate z, never 8-bit
 MOMENT_BASED = sorted(entry.name for entry in ALL if entry.name not in WITHOUT_STATE_DTYPE)
 
 

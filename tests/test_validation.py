@@ -113,7 +113,7 @@ KINDS = {
     "decay_offset": "non_negative_int", "step_offset": "non_negative_int", "transition_begin": "non_negative_int",
     "cooldown": "non_negative_int", "seed": "non_negative_int", "warmup_steps": "non_negative_int",
     "mu_dtype": "dtype", "nu_dtype": "dtype", "accumulator_dtype": "dtype", "dtype_momentum": "dtype",
-    "state_dtype": "dtype", "hyperparam_dtype": "dtype",
+    "state_dtype": "dtype", "hyperparam_dtype": "dtype", "z_dtype": "dtype",
     "schedule": "schedule", "step_size_fn": "schedule",
     "inner": "transformation", "base_optimizer": "transformation", "optimizer": "transformation",
     "hessian_estimator": "callable", "decay_rate_fn": "callable", "inner_factory": "callable", "loss_fn": "callable",

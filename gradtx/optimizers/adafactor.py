@@ -12,6 +12,7 @@ import numpy as np
 from gradtx import _checks, packed, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
+from gradtx.state import quantize
 from gradtx.transforms.clipping import clip_by_block_rms
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.momentum import ema
@@ -57,6 +58,8 @@ def factored_second_moment(
     min_dim_size_to_factor: int = 128,
     epsilon: float = 1e-30,
     decay_rate_fn: Callable[[jax.Array, float], jax.Array] = _power_decay,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by a factored estimate of the root mean square gradient (Adafactor's core).
 
@@ -93,6 +96,11 @@ def factored_second_moment(
         decay_rate_fn: ``(step, decay_rate) -> beta``, the decay schedule; the default is the
             paper's :math:`1 - (step + 1)^{-c}`. A capped one (Zhai et al., 2021) keeps the
             estimate from freezing.
+        state_dtype: storage of the unfactored second moments :math:`V`: a floating dtype or
+            ``gradtx.Quantized8bit()`` (unsigned 8-bit code, for arrays of at least its
+            ``min_size`` elements); ``None`` means the parameter's dtype. The factors :math:`R, C`
+            are :math:`O(n + m)` bytes: under any policy they stay in at least float32 (by
+            default, in the parameter's dtype, as in Optax). See ``docs/memory.md``.
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`FactoredState`.
@@ -113,6 +121,7 @@ def factored_second_moment(
     _check_factored(owner, factored, decay_rate, step_offset, min_dim_size_to_factor, epsilon, "step_offset", "epsilon")
     if not callable(decay_rate_fn):
         raise TypeError(f"{owner}: decay_rate_fn must be callable (step, decay_rate) -> beta, got {decay_rate_fn!r}")
+    quantize.check_storage(owner, "state_dtype", state_dtype)
 
     def state_shapes(p):
         dims = _factored_dims(p.shape, factored, min_dim_size_to_factor)
@@ -121,14 +130,17 @@ def factored_second_moment(
         else:
             second, largest = dims
             row_shape, col_shape, full_shape = _without(p.shape, largest), _without(p.shape, second), _PLACEHOLDER_SHAPE
-        return tuple(jax.ShapeDtypeStruct(shape, p.dtype) for shape in (row_shape, col_shape, full_shape))
+        # The O(n + m) factors are never narrowed by a policy: only V follows state_dtype.
+        factor_dtype = p.dtype if state_dtype is None else jnp.promote_types(p.dtype, jnp.float32)
+        row, col = (jax.ShapeDtypeStruct(shape, factor_dtype) for shape in (row_shape, col_shape))
+        return row, col, jax.ShapeDtypeStruct(full_shape, p.dtype)
 
     def init(params):
         # Packed params: one stacked (count, ...) state array per run of equal shapes.
         v_row, v_col, v = packed.map_shapes(state_shapes, params, n_out=3)
         # Placed like each parameter (or its row/column slice), so a sharded model's statistics are sharded too.
-        v_row, v_col, v = (tree.zeros_like_derived(shapes, params) for shapes in (v_row, v_col, v))
-        return FactoredState(count=tree.zero_count(), v_row=v_row, v_col=v_col, v=v)
+        v_row, v_col = (tree.zeros_like_derived(shapes, params) for shapes in (v_row, v_col))
+        return FactoredState(count=tree.zero_count(), v_row=v_row, v_col=v_col, v=_second_moments(v, params, state_dtype))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -139,9 +151,9 @@ def factored_second_moment(
             g_squared = tree.abs_sq(g_wide) + epsilon
             dims = _factored_dims(g.shape, factored, min_dim_size_to_factor)
             if dims is None:
-                v = beta * tree.real_at_least_float32(v_prev) + (1.0 - beta) * g_squared
+                v = beta * jnp.real(tree.load(v_prev)) + (1.0 - beta) * g_squared
                 u = g_wide * v**-0.5
-                return u.astype(g.dtype), row_prev, col_prev, v.astype(v_prev.dtype)
+                return u.astype(g.dtype), row_prev, col_prev, tree.store(v, v_prev)
             second, largest = dims
             row = beta * tree.real_at_least_float32(row_prev) + (1.0 - beta) * jnp.mean(g_squared, axis=largest)
             col = beta * tree.real_at_least_float32(col_prev) + (1.0 - beta) * jnp.mean(g_squared, axis=second)
@@ -158,6 +170,29 @@ def factored_second_moment(
         return updates, FactoredState(count=tree.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v)
 
     return GradientTransformation(init, update)
+
+
+def _second_moments(shapes: Any, params: Any, storage: Any) -> Any:
+    """Zero unfactored second moments of ``shapes`` (a leaf's shape, or a ``(1,)`` placeholder) stored as ``storage``.
+
+    Under ``Quantized8bit`` on packed parameters, a run's ``(count, *shape)`` moments are
+    quantized array by array (a batch of ``QuantizedArray``, mapped over by ``vmap``), so that
+    blocks never straddle two arrays and the numbers are those of the per-array layout.
+    """
+    if not isinstance(storage, quantize.Quantized8bit):
+        return tree.zeros_like_derived(shapes, params, storage)
+
+    def per_node(node):
+        if not isinstance(node, packed.Stacked):
+            return tree.moment_zeros_like(node, storage, signed=False)
+        return packed.Stacked([_stacked_moment_zeros(s, storage) for s in node.arrays], node.layout)
+
+    return jax.tree.map(per_node, shapes, is_leaf=lambda x: isinstance(x, packed.Stacked))
+
+
+def _stacked_moment_zeros(stacked: jax.ShapeDtypeStruct, storage: Any) -> Any:
+    one = tree.moment_zeros_like(jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype), storage, signed=False)
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (stacked.shape[0], *x.shape)), one)
 
 
 def _check_factored(owner, factored, decay_rate, step_offset, min_dim_size_to_factor, epsilon, offset_name, eps_name) -> None:
@@ -195,6 +230,8 @@ def adafactor(
     eps: float = 1e-30,
     factored: bool = True,
     weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The Adafactor optimizer: factored second moment, update clipping, relative step size.
 
@@ -221,12 +258,19 @@ def adafactor(
         clipping_threshold: :math:`d` (``> 0``; the paper uses 1), or ``None`` to disable clipping.
         momentum: decay of an exponential moving average of the updates in ``[0, 1)``, or
             ``None`` (no momentum, no extra memory).
-        dtype_momentum: storage dtype of the momentum.
+        dtype_momentum: storage of the momentum: a floating dtype or ``gradtx.Quantized8bit()``.
+            Its default, float32 (Optax's), gives way to ``state_dtype`` when that is given;
+            any other value wins over ``state_dtype``.
         weight_decay_rate: decoupled weight decay (a float ``>= 0`` or a schedule; not scaled
             by the learning rate), or ``None``.
         eps: ``epsilon`` of :func:`factored_second_moment`.
         weight_decay_mask: a pytree of booleans (or a callable ``params -> pytree``) selecting
             the parameters to decay; ``None`` decays all of them.
+        state_dtype: storage policy of the state (see ``docs/memory.md``): a floating dtype or
+            ``gradtx.Quantized8bit()`` for the momentum (when on) and for the unfactored second
+            moments of vectors and small arrays (8-bit only from ``min_size`` elements); the
+            :math:`O(n + m)` row and column factors stay in at least float32. ``None`` keeps
+            Optax's storage: second moments in the parameter's dtype, momentum in ``dtype_momentum``.
 
     Returns:
         A ``GradientTransformation``: ``chain(factored_second_moment, clip_by_block_rms,
@@ -249,19 +293,29 @@ def adafactor(
         _checks.positive(owner, "clipping_threshold", clipping_threshold)
     if momentum is not None:
         _checks.decay_rate(owner, "momentum", momentum)
-    _checks.dtype(owner, "dtype_momentum", dtype_momentum)
+    quantize.check_storage(owner, "dtype_momentum", dtype_momentum)
+    quantize.check_storage(owner, "state_dtype", state_dtype)
     if weight_decay_rate is not None:
         _checks.non_negative(owner, "weight_decay_rate", weight_decay_rate, schedule_ok=True)
+    momentum_storage = _momentum_storage(dtype_momentum, state_dtype)
 
     def optional(enabled, make):
         return make() if enabled else identity()
 
     return chain(
-        factored_second_moment(factored, decay_rate, decay_offset, min_dim_size_to_factor, eps),
+        factored_second_moment(factored, decay_rate, decay_offset, min_dim_size_to_factor, eps, state_dtype=state_dtype),
         optional(clipping_threshold is not None, lambda: clip_by_block_rms(clipping_threshold)),
         optional(learning_rate is not None, lambda: scale_by_learning_rate(learning_rate, flip_sign=False)),
         optional(multiply_by_parameter_scale, _scale_by_param_block_rms),
-        optional(momentum is not None, lambda: ema(momentum, debias=False, accumulator_dtype=dtype_momentum)),
+        optional(momentum is not None, lambda: ema(momentum, debias=False, accumulator_dtype=momentum_storage)),
         optional(weight_decay_rate is not None, lambda: add_decayed_weights(weight_decay_rate, mask=weight_decay_mask)),
         scale(-1),
     )
+
+
+def _momentum_storage(dtype_momentum: Any, state_dtype: Any) -> Any:
+    """``dtype_momentum``, unless it is Optax's default float32 and a ``state_dtype`` policy is given."""
+    # An explicit float32 cannot be told from the default: it yields to the policy too (documented).
+    is_default = dtype_momentum is not None and not isinstance(dtype_momentum, quantize.Quantized8bit)
+    is_default = is_default and jnp.dtype(dtype_momentum) == jnp.float32
+    return state_dtype if state_dtype is not None and is_default else dtype_momentum

@@ -8,6 +8,7 @@ from typing import Any
 from gradtx import _checks
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain, masked
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.momentum import trace
 from gradtx.transforms.scaling import scale_by_learning_rate, scale_by_trust_ratio
@@ -22,6 +23,8 @@ def lars(
     trust_ratio_mask: Any | Callable[[Any], Any] = True,
     momentum: float = 0.9,
     nesterov: bool = False,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The LARS optimizer: layer-wise adaptive rate scaling of SGD with momentum.
 
@@ -48,6 +51,9 @@ def lars(
             ``weight_decay_mask`` (biases and norm scales are commonly excluded).
         momentum: :math:`\mu`, in ``[0, 1]``.
         nesterov: use Nesterov's look-ahead momentum.
+        state_dtype: storage of the momentum :math:`m` (LARS's one moment): a floating dtype or
+            ``gradtx.Quantized8bit()`` (signed 8-bit code); ``None`` means the parameter's dtype.
+            Computed on in at least float32 (see ``docs/memory.md``).
 
     Returns:
         A ``GradientTransformation``: ``chain(add_decayed_weights, masked(scale_by_trust_ratio),
@@ -69,9 +75,10 @@ def lars(
     _checks.non_negative(owner, "eps", eps)
     _checks.number(owner, "momentum", momentum, low=0.0, high=1.0)
     _checks.one_of(owner, "nesterov", nesterov, (False, True))
+    check_storage(owner, "state_dtype", state_dtype)
     return chain(
         add_decayed_weights(weight_decay, mask=weight_decay_mask),
         masked(scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps), trust_ratio_mask),
         scale_by_learning_rate(learning_rate),
-        trace(momentum, nesterov),
+        trace(momentum, nesterov, accumulator_dtype=state_dtype),
     )

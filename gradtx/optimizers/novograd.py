@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from gradtx import _checks, packed, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -21,16 +22,23 @@ class ScaleByNovogradState(NamedTuple):
     nu: Any
 
 
-def _check_novograd(owner: str, b1, b2, eps, eps_root, weight_decay) -> None:
+def _check_novograd(owner: str, b1, b2, eps, eps_root, weight_decay, state_dtype) -> None:
     _checks.decay_rate(owner, "b1", b1)
     _checks.decay_rate(owner, "b2", b2)
     _checks.non_negative(owner, "eps", eps)
     _checks.non_negative(owner, "eps_root", eps_root)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
+    check_storage(owner, "state_dtype", state_dtype)
 
 
-def _per_layer_scalars(params: Any) -> Any:
-    return tree.zeros_like(packed.map_shapes(lambda p: jax.ShapeDtypeStruct((), p.dtype), params))
+def _per_layer_scalars(params: Any, state_dtype: Any) -> Any:
+    # One scalar per layer is a negligible share of memory: under an explicit policy it stays in
+    # at least float32 (never 8-bit, never narrowed); by default in the parameter dtype, as in Optax.
+    def scalar(p):
+        dtype = p.dtype if state_dtype is None else jnp.promote_types(p.dtype, jnp.float32)
+        return jax.ShapeDtypeStruct((), dtype)
+
+    return tree.zeros_like(packed.map_shapes(scalar, params))
 
 
 def scale_by_novograd(
@@ -40,6 +48,8 @@ def scale_by_novograd(
     eps_root: float = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     mu_dtype: Any = None,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Rescale updates by NovoGrad's layer-wise normalised momentum.
 
@@ -61,7 +71,14 @@ def scale_by_novograd(
         eps_root: :math:`\epsilon_{root}`, added inside it (``>= 0``).
         weight_decay: :math:`\lambda`, a float ``>= 0`` or a schedule (a gradtx addition:
             Optax accepts only a float here).
-        mu_dtype: storage dtype of :math:`m`; ``None`` means the parameter's dtype.
+        mu_dtype: storage of :math:`m`: a floating dtype or ``gradtx.Quantized8bit()``;
+            ``None`` means ``state_dtype``.
+        state_dtype: storage policy of the state (see ``docs/memory.md``): a floating dtype or
+            ``gradtx.Quantized8bit()`` for the parameter-sized momentum :math:`m` (when
+            ``mu_dtype`` is ``None``); ``None`` means the parameter's dtype. The second moment
+            :math:`v` is one scalar per layer, a negligible share of memory: under any policy
+            it stays in at least float32 (by default, in the parameter's dtype, as in Optax).
+            Arithmetic is in at least float32 either way.
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleByNovogradState`. Its
@@ -79,11 +96,13 @@ def scale_by_novograd(
         https://arxiv.org/abs/1905.11286
     """
     owner = "scale_by_novograd"
-    _check_novograd(owner, b1, b2, eps, eps_root, weight_decay)
-    _checks.dtype(owner, "mu_dtype", mu_dtype)
+    _check_novograd(owner, b1, b2, eps, eps_root, weight_decay, state_dtype)
+    check_storage(owner, "mu_dtype", mu_dtype)
+    mu_storage = tree.resolve_storage(mu_dtype, state_dtype)
 
     def init(params):
-        return ScaleByNovogradState(count=tree.zero_count(), mu=tree.zeros_like(params, mu_dtype), nu=_per_layer_scalars(params))
+        mu = tree.moment_zeros_like(params, mu_storage, signed=True)
+        return ScaleByNovogradState(count=tree.zero_count(), mu=mu, nu=_per_layer_scalars(params, state_dtype))
 
     def update(updates, state, params=None, **extra_args):
         del extra_args
@@ -98,12 +117,16 @@ def scale_by_novograd(
             squared_norm = jnp.linalg.norm(g_wide) ** 2
             v = jnp.where(first_step, squared_norm, (1 - b2) * squared_norm + b2 * tree.real_at_least_float32(v_prev))
             d = g_wide / (jnp.sqrt(v + eps_root) + eps) + decay * tree.at_least_float32(p)
-            m = jnp.where(first_step, d, b1 * tree.at_least_float32(m_prev) + d)
-            return m.astype(g.dtype), m.astype(m_prev.dtype), v.astype(v_prev.dtype)
+            m = jnp.where(first_step, d, b1 * m_prev + d)
+            return m.astype(g.dtype), m, v.astype(v_prev.dtype)
 
         # The layer norm stays per array on packed updates: nu is then Stacked, one array per run.
+        # m is loaded (dequantized) and stored outside the per-array map: a packed 8-bit buffer
+        # is quantized as a whole, its blocks not aligned with the arrays.
         kinds = ("packed", "packed", "stacked")
-        updates, mu, nu = packed.map_arrays(per_leaf, updates, state.mu, state.nu, params, n_out=3, kinds=kinds, owner=owner)
+        mu_wide = jax.tree.map(tree.load, state.mu, is_leaf=tree.is_quantized)
+        updates, mu, nu = packed.map_arrays(per_leaf, updates, mu_wide, state.nu, params, n_out=3, kinds=kinds, owner=owner)
+        mu = jax.tree.map(tree.store, mu, state.mu)
         return updates, ScaleByNovogradState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
@@ -116,6 +139,8 @@ def novograd(
     eps: float = 1e-6,
     eps_root: float = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     r"""The NovoGrad optimizer: :func:`scale_by_novograd` followed by the (negative) learning rate.
 
@@ -129,8 +154,9 @@ def novograd(
 
     Args:
         learning_rate: :math:`\eta`, a float ``>= 0`` or a schedule ``count -> lr``.
-        b1, b2, eps, eps_root, weight_decay: see :func:`scale_by_novograd` (NovoGrad's
-            default ``eps`` is 1e-6).
+        b1, b2, eps, eps_root, weight_decay, state_dtype: see :func:`scale_by_novograd`
+            (NovoGrad's default ``eps`` is 1e-6; ``state_dtype`` stores the momentum, while the
+            per-layer second moment stays in at least float32).
 
     Returns:
         A ``GradientTransformation``: ``chain(scale_by_novograd, scale_by_learning_rate)``.
@@ -146,5 +172,7 @@ def novograd(
         Li et al., 2019. Jasper: An End-to-End Convolutional Neural Acoustic Model, https://arxiv.org/abs/1904.03288
     """
     _checks.learning_rate("novograd", learning_rate)
-    _check_novograd("novograd", b1, b2, eps, eps_root, weight_decay)
-    return chain(scale_by_novograd(b1, b2, eps, eps_root, weight_decay), scale_by_learning_rate(learning_rate))
+    _check_novograd("novograd", b1, b2, eps, eps_root, weight_decay, state_dtype)
+    return chain(
+        scale_by_novograd(b1, b2, eps, eps_root, weight_decay, state_dtype=state_dtype), scale_by_learning_rate(learning_rate)
+    )

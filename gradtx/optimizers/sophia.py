@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from gradtx import _checks, packed, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -142,6 +143,7 @@ def scale_by_sophia(
     hessian_estimator: HessianEstimator = gnb_hessian_estimate,
     seed: int = 0,
     mu_dtype=None,
+    state_dtype=None,
 ) -> GradientTransformation:
     """Rescale updates by Sophia: clipped momentum over a lazily refreshed diagonal Hessian.
 
@@ -180,7 +182,15 @@ def scale_by_sophia(
         hessian_estimator: ``(params, key, **extra_args) -> tree`` of diagonal estimates, e.g.
             :func:`gnb_hessian_estimate` (default) or :func:`hutchinson_hessian_estimate`.
         seed: the seed of the PRNG key kept in the state for the estimator.
-        mu_dtype: dtype of ``m``; ``None`` means the parameter's dtype.
+        mu_dtype: storage of ``m``: a floating dtype or ``gradtx.Quantized8bit()``; ``None``
+            means ``state_dtype``.
+        state_dtype: storage of ``h`` and (when ``mu_dtype`` is ``None``) of ``m``: a floating
+            dtype or ``gradtx.Quantized8bit()``; ``None`` means the parameter's dtype (see
+            ``docs/memory.md``). Arithmetic is in at least float32. Under 8 bits ``m`` uses the
+            signed code and ``h`` the unsigned one (for arrays of at least ``min_size``
+            elements): a negative ``h`` (possible with Hutchinson's estimator) is stored as 0.
+            That leaves the step unchanged, since the denominator ``max(rho * h, eps)`` is ``eps``
+            for any ``h <= 0``, but the EMA forgets the negative curvature instead of carrying it.
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScaleBySophiaState`; its ``update``
@@ -199,14 +209,15 @@ def scale_by_sophia(
         Pre-training, https://arxiv.org/abs/2305.14342
     """
     owner = "scale_by_sophia"
-    _check_sophia(owner, b1, b2, rho, eps, update_interval, hessian_estimator, seed, mu_dtype)
+    _check_sophia(owner, b1, b2, rho, eps, update_interval, hessian_estimator, seed, mu_dtype, state_dtype)
+    mu_storage = tree.resolve_storage(mu_dtype, state_dtype)
 
     def init(params):
         tree.check_real_params(owner, params)
         return ScaleBySophiaState(
             count=tree.zero_count(),
-            mu=tree.zeros_like(params, mu_dtype),
-            hessian=tree.zeros_like(params),
+            mu=tree.moment_zeros_like(params, mu_storage, signed=True),
+            hessian=tree.moment_zeros_like(params, state_dtype, signed=False),
             key=jax.random.PRNGKey(seed),
         )
 
@@ -217,21 +228,22 @@ def scale_by_sophia(
         def refresh(hessian, key):
             key, estimator_key = jax.random.split(key)
             estimate = hessian_estimator(params, estimator_key, **extra_args)
-            return tree.cast_like(tree.update_moment(estimate, hessian, b2, 1), hessian), key
+            return jax.tree.map(refresh_leaf, estimate, hessian), key
+
+        def refresh_leaf(estimate, h_prev):
+            return tree.store(tree.ema_update(tree.at_least_float32(estimate), tree.load(h_prev), b2), h_prev)
 
         due = (state.count > 0) & (state.count % update_interval == 0)
         hessian, key = jax.lax.cond(due, refresh, lambda hessian, key: (hessian, key), state.hessian, state.key)
-        mu = tree.update_moment(updates, state.mu, b1, 1)
 
-        def per_leaf(g, m, h):
+        def per_leaf(g, m_prev, h):
+            m = tree.ema_update(tree.at_least_float32(g), tree.load(m_prev), b1)
             # In float16 the default eps (1e-15) rounds to 0, and a zero gradient gave 0 / 0.
-            ratio = tree.at_least_float32(m) / jnp.maximum(rho * tree.at_least_float32(h), eps)
-            return jnp.clip(ratio, -1, 1).astype(g.dtype)
+            ratio = m / jnp.maximum(rho * tree.load(h), eps)
+            return jnp.clip(ratio, -1, 1).astype(g.dtype), tree.store(m, m_prev)
 
-        updates = jax.tree.map(per_leaf, updates, mu, hessian)
-        new_state = ScaleBySophiaState(
-            count=tree.safe_increment(state.count), mu=tree.cast_like(mu, state.mu), hessian=hessian, key=key
-        )
+        updates, mu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, hessian), updates, 2)
+        new_state = ScaleBySophiaState(count=tree.safe_increment(state.count), mu=mu, hessian=hessian, key=key)
         return updates, new_state
 
     return GradientTransformation(init, update)
@@ -250,6 +262,7 @@ def sophia(
     hessian_estimator: HessianEstimator = gnb_hessian_estimate,
     seed: int = 0,
     mu_dtype=None,
+    state_dtype=None,
 ) -> GradientTransformation:
     """SophiaG: Sophia with the Gauss-Newton-Bartlett estimator and decoupled weight decay.
 
@@ -277,7 +290,9 @@ def sophia(
         hessian_estimator: the estimator, :func:`gnb_hessian_estimate` by default (see
             :func:`scale_by_sophia`); :func:`sophia_h` is this with Hutchinson's.
         seed: seed of the estimator's PRNG key.
-        mu_dtype: dtype of the gradient EMA.
+        mu_dtype: storage of the gradient EMA; see :func:`scale_by_sophia`.
+        state_dtype: storage of both EMAs (``m`` unless ``mu_dtype`` is given, and ``h``): a
+            floating dtype or ``gradtx.Quantized8bit()``; see :func:`scale_by_sophia`.
 
     Returns:
         A ``GradientTransformation``: ``chain(scale_by_sophia, add_decayed_weights, scale_by_learning_rate)``.
@@ -297,7 +312,19 @@ def sophia(
         Pre-training, https://arxiv.org/abs/2305.14342
     """
     return _sophia(
-        "sophia", hessian_estimator, learning_rate, b1, b2, rho, weight_decay, mask, eps, update_interval, seed, mu_dtype
+        "sophia",
+        hessian_estimator,
+        learning_rate,
+        b1,
+        b2,
+        rho,
+        weight_decay,
+        mask,
+        eps,
+        update_interval,
+        seed,
+        mu_dtype,
+        state_dtype,
     )
 
 
@@ -313,6 +340,7 @@ def sophia_h(
     update_interval: int = 10,
     seed: int = 0,
     mu_dtype=None,
+    state_dtype=None,
 ) -> GradientTransformation:
     """Sophia-H: :func:`sophia` with Hutchinson's estimator; ``update`` needs ``obj_fn=``, the loss ``params -> scalar``.
 
@@ -333,24 +361,34 @@ def sophia_h(
         Pre-training, https://arxiv.org/abs/2305.14342
     """
     estimator = hutchinson_hessian_estimate
-    return _sophia("sophia_h", estimator, learning_rate, b1, b2, rho, weight_decay, mask, eps, update_interval, seed, mu_dtype)
+    return _sophia(
+        "sophia_h", estimator, learning_rate, b1, b2, rho, weight_decay, mask, eps, update_interval, seed, mu_dtype, state_dtype
+    )
 
 
-def _sophia(owner, estimator, learning_rate, b1, b2, rho, weight_decay, mask, eps, update_interval, seed, mu_dtype):
+def _sophia(owner, estimator, learning_rate, b1, b2, rho, weight_decay, mask, eps, update_interval, seed, mu_dtype, state_dtype):
     _checks.learning_rate(owner, learning_rate)
     _checks.mask(owner, "mask", mask)
     _checks.non_negative(owner, "weight_decay", weight_decay, schedule_ok=True)
-    _check_sophia(owner, b1, b2, rho, eps, update_interval, estimator, seed, mu_dtype)
+    _check_sophia(owner, b1, b2, rho, eps, update_interval, estimator, seed, mu_dtype, state_dtype)
     return chain(
         scale_by_sophia(
-            b1, b2, rho, eps, update_interval=update_interval, hessian_estimator=estimator, seed=seed, mu_dtype=mu_dtype
+            b1,
+            b2,
+            rho,
+            eps,
+            update_interval=update_interval,
+            hessian_estimator=estimator,
+            seed=seed,
+            mu_dtype=mu_dtype,
+            state_dtype=state_dtype,
         ),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 
 
-def _check_sophia(owner, b1, b2, rho, eps, update_interval, hessian_estimator, seed, mu_dtype):
+def _check_sophia(owner, b1, b2, rho, eps, update_interval, hessian_estimator, seed, mu_dtype, state_dtype):
     _checks.decay_rate(owner, "b1", b1)
     _checks.decay_rate(owner, "b2", b2)
     _checks.positive(owner, "rho", rho)
@@ -361,4 +399,5 @@ def _check_sophia(owner, b1, b2, rho, eps, update_interval, hessian_estimator, s
             f"{owner}: hessian_estimator must be callable (params, key, **extra_args) -> tree, got {hessian_estimator!r}"
         )
     _checks.non_negative_int(owner, "seed", seed)
-    _checks.dtype(owner, "mu_dtype", mu_dtype)
+    check_storage(owner, "mu_dtype", mu_dtype)
+    check_storage(owner, "state_dtype", state_dtype)

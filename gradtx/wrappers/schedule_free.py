@@ -19,6 +19,7 @@ from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import _check_transformation, _forwarding_update, chain
 from gradtx.optimizers.rmsprop import scale_by_rms
+from gradtx.state.quantize import Quantized8bit, check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -32,6 +33,25 @@ class ScheduleFreeState(NamedTuple):
     max_lr: jax.Array
     base_optimizer_state: Any
     z: Any
+
+
+def _z_storage(owner: str, z_dtype: Any, state_dtype: Any) -> Any:
+    """The storage of ``z``: ``z_dtype``, else ``state_dtype``'s floating dtype, else the parameters' dtype."""
+    _check_z_dtype(owner, "z_dtype", z_dtype)
+    if z_dtype is not None:
+        return z_dtype
+    # Under the 8-bit policy only the moments are quantized; z, an iterate, keeps the parameters' dtype.
+    return None if isinstance(state_dtype, Quantized8bit) else state_dtype
+
+
+def _check_z_dtype(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, Quantized8bit):
+        raise ValueError(
+            f"{owner}: {name} must be None or a floating dtype (float32, bfloat16, float16, float64), got {value!r}: "
+            f"z is an iterate (the sequence the base optimizer steps), not a moment, and 8-bit rounding (to ~1% of "
+            f"its block's largest value) would swallow every step smaller than that; 8-bit storage applies to moments only"
+        )
+    _checks.dtype(owner, name, value)
 
 
 def _copy(params: Any, dtype) -> Any:
@@ -85,7 +105,11 @@ def schedule_free(
         weight_lr_power: ``p >= 0``; weighs the average by the learning rate reached so far,
             so that warmup steps count little.
         r: ``r >= 0``, the polynomial weighting ``(t + 1)^r`` of the average.
-        state_dtype: dtype of ``z``; ``None`` means the parameter's dtype.
+        state_dtype: storage dtype of ``z`` (the wrapper's only per-parameter state; the base
+            optimizer's moments follow its own arguments): a floating dtype, ``None`` for the
+            parameter's dtype. ``z`` is an iterate, not a moment: ``gradtx.Quantized8bit()`` is
+            refused (8-bit rounding would swallow the steps), and a dtype narrower than the
+            parameters' rounds away steps below its precision (bfloat16: 2^-8 relative).
 
     Returns:
         A ``GradientTransformation`` whose state is :class:`ScheduleFreeState`; its ``update``
@@ -106,7 +130,8 @@ def schedule_free(
     owner = "schedule_free"
     _check_transformation(owner, "base_optimizer", base_optimizer)
     _checks.learning_rate(owner, learning_rate)
-    _check_common(owner, b1, weight_lr_power, r, state_dtype)
+    _check_common(owner, b1, weight_lr_power, r)
+    _check_z_dtype(owner, "state_dtype", state_dtype)
     base_update = _forwarding_update(base_optimizer)
 
     def init(params):
@@ -130,12 +155,13 @@ def schedule_free(
         c = jnp.where(weight_sum > 0, weight / jnp.where(weight_sum > 0, weight_sum, 1), 0.0)
         base_updates, base_state = base_update(updates, state.base_optimizer_state, params, **extra_args)
 
-        def y_step(y, z, delta):
+        def per_leaf(y_prev, z_prev, delta_prev):
+            # In at least float32: a bfloat16 z or y would round c * (z - y) before it is added.
+            y, z, delta = (tree.at_least_float32(x) for x in (y_prev, z_prev, delta_prev))
             y_update = c * (z - y) + (1 - b1 * (1 - c)) * delta
-            return y_update.astype(y.dtype)
+            return y_update.astype(y_prev.dtype), (z + delta).astype(z_prev.dtype)
 
-        y_updates = jax.tree.map(y_step, params, state.z, base_updates)
-        z = jax.tree.map(lambda z, delta: (z + delta).astype(z.dtype), state.z, base_updates)
+        y_updates, z = tree.unzip(jax.tree.map(per_leaf, params, state.z, base_updates), params, 2)
         new_state = ScheduleFreeState(
             b1=state.b1,
             count=tree.safe_increment(state.count),
@@ -193,6 +219,7 @@ def schedule_free_adamw(
     r: float = 0.0,
     *,
     state_dtype=None,
+    z_dtype=None,
 ) -> GradientTransformation:
     """Schedule-free AdamW, as the reference ``AdamWScheduleFree``: :func:`schedule_free` over momentum-free AdamW.
 
@@ -216,7 +243,14 @@ def schedule_free_adamw(
         weight_decay: ``lambda >= 0`` (``None`` means 0), a float or a schedule.
         weight_lr_power: see :func:`schedule_free`.
         r: see :func:`schedule_free`.
-        state_dtype: dtype of ``z``.
+        state_dtype: storage policy of the state (see ``docs/memory.md``): the second moment
+            ``v`` takes it whole (a floating dtype or ``gradtx.Quantized8bit()``, unsigned code);
+            ``z`` takes its floating dtypes but stays in the parameters' dtype under
+            ``Quantized8bit`` (an iterate, not a moment: see :func:`schedule_free`). ``None``
+            means the parameters' dtype for both. Arithmetic is in at least float32.
+        z_dtype: storage dtype of ``z``, winning over ``state_dtype`` (e.g.
+            ``state_dtype=jnp.bfloat16, z_dtype=jnp.float32`` narrows ``v`` only); a floating
+            dtype or ``None``.
 
     Returns:
         A ``GradientTransformation`` (see :func:`schedule_free`).
@@ -234,13 +268,15 @@ def schedule_free_adamw(
     _checks.decay_rate(owner, "b2", b2)
     _checks.non_negative(owner, "eps", eps)
     learning_rate, weight_decay = _check_alias(owner, learning_rate, warmup_steps, weight_decay)
-    _check_common(owner, b1, weight_lr_power, r, state_dtype)
+    _check_common(owner, b1, weight_lr_power, r)
+    check_storage(owner, "state_dtype", state_dtype)
+    z_storage = _z_storage(owner, z_dtype, state_dtype)
     base_optimizer = chain(
-        scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
+        scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True, state_dtype=state_dtype),
         add_decayed_weights(weight_decay),
         scale_by_learning_rate(learning_rate),
     )
-    return schedule_free(base_optimizer, learning_rate, b1, weight_lr_power, r, state_dtype=state_dtype)
+    return schedule_free(base_optimizer, learning_rate, b1, weight_lr_power, r, state_dtype=z_storage)
 
 
 def schedule_free_sgd(
@@ -252,12 +288,19 @@ def schedule_free_sgd(
     r: float = 0.0,
     *,
     state_dtype=None,
+    z_dtype=None,
 ) -> GradientTransformation:
     """Schedule-free SGD, as the reference ``SGDScheduleFree``: :func:`schedule_free` over plain SGD.
 
     ``Delta_t = -gamma_t (g_t + lambda y_t)``: L2 weight decay added to the gradient at ``y``,
     with the linear warmup of :func:`schedule_free_adamw`. ``b1`` is the reference's
     ``momentum`` (Optax's name is kept); ``learning_rate`` defaults to the reference's 1.0.
+
+    Its only per-parameter state is the iterate ``z``: ``state_dtype`` and ``z_dtype`` (which
+    wins) are its storage dtype, a floating dtype or ``None`` (the parameters' dtype). There is
+    no moment to quantize, so ``gradtx.Quantized8bit()`` is refused with an error rather than
+    silently ignored (see :func:`schedule_free`). The other arguments are those of
+    :func:`schedule_free_adamw`.
 
     Example:
         >>> import jax.numpy as jnp, gradtx
@@ -270,17 +313,18 @@ def schedule_free_sgd(
     """
     owner = "schedule_free_sgd"
     learning_rate, weight_decay = _check_alias(owner, learning_rate, warmup_steps, weight_decay)
-    _check_common(owner, b1, weight_lr_power, r, state_dtype)
+    _check_common(owner, b1, weight_lr_power, r)
+    _check_z_dtype(owner, "state_dtype", state_dtype)
+    z_storage = _z_storage(owner, z_dtype, state_dtype)
     base_optimizer = chain(add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))
-    return schedule_free(base_optimizer, learning_rate, b1, weight_lr_power, r, state_dtype=state_dtype)
+    return schedule_free(base_optimizer, learning_rate, b1, weight_lr_power, r, state_dtype=z_storage)
 
 
-def _check_common(owner, b1, weight_lr_power, r, state_dtype):
+def _check_common(owner, b1, weight_lr_power, r):
     # b1 = 0 would make x = y / b1 undefined; b1 = 1 leaves z out of y altogether.
     _checks.number(owner, "b1", b1, low=0.0, high=1.0, low_open=True, high_open=True)
     _checks.non_negative(owner, "weight_lr_power", weight_lr_power)
     _checks.non_negative(owner, "r", r)
-    _checks.dtype(owner, "state_dtype", state_dtype)
 
 
 def _check_alias(owner, learning_rate, warmup_steps, weight_decay):
