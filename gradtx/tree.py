@@ -8,6 +8,7 @@ dtype policy live in one place.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -68,12 +69,6 @@ def update_moment(updates: Any, moments: Any, decay: Any, order: int) -> Any:
     return jax.tree.map(lambda g, m: (1 - decay) * (g**order) + decay * m, updates, moments)
 
 
-
-
-
-
-
-
 def leaves(tree: Any) -> list:
     """The array leaves of ``tree`` (``None`` leaves dropped)."""
     return jax.tree.leaves(tree)
@@ -85,10 +80,6 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(squares, jnp.zeros([], jnp.float32)))
 
 
-
-
-
-
 def all_finite(tree: Any) -> jax.Array:
     """Whether every element of every leaf is finite (a scalar boolean)."""
     flags = [jnp.all(jnp.isfinite(x)) for x in leaves(tree)]
@@ -96,6 +87,7 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 # Per-leaf arithmetic shared by the moment-based building blocks.
+
 
 def at_least_float32(x: jax.Array) -> jax.Array:
     # bfloat16/float16 moments lose the small (1 - b) * g increments when updated in place.
@@ -109,6 +101,7 @@ def real_at_least_float32(x: jax.Array) -> jax.Array:
 
 # Moment storage policy: a moment is stored in a dtype or 8-bit block-quantized, and always
 # computed on in at least float32 (load, update, store).
+
 
 def resolve_storage(specific: Any, state_dtype: Any) -> Any:
     """The storage of one moment: its own argument (``mu_dtype`` …) when given, else ``state_dtype``."""
@@ -136,7 +129,7 @@ def moment_full_like(params: Any, value: float, storage: Any = None, *, signed: 
         if not storage.applies_to(array):
             zeros = zeros_like(x, jnp.promote_types(array.dtype, jnp.float32))
             return zeros if value == 0 else jax.tree.map(lambda z: z + value, zeros)
-        full = _quantize.full(tuple(jnp.shape(array)), value, signed=signed, block_size=storage.block_size)
+        full = placed_quantized_full(array, value, signed=signed, block_size=storage.block_size)
         if array is x:
             return full
         # A boxed parameter (a Flax NNX Variable): box codes and scales apart, so that every box
@@ -171,11 +164,23 @@ def load(stored: Any) -> jax.Array:
 def store(value: jax.Array, like: Any) -> Any:
     """``value`` stored the way ``like`` is (same dtype, or re-quantized with the same code and blocks).
 
-    The state's structure and dtypes therefore never change across ``update``.
+    The state's structure and dtypes therefore never change across ``update``, nor, under
+    ``jit``, the placement of an 8-bit moment: its new codes and scales are put in one sharding
+    group with the old ones (element-wise results follow their inputs anyway; the block maxima
+    of a flat layout or of blocks that span a sharded dimension would otherwise be placed
+    anew by XLA, and the next step would recompile for the new placement).
     """
     if is_quantized(like):
-        return _quantize.quantize_blockwise(value, signed=like.signed, block_size=like.block_size)
+        new = _quantize.quantize_blockwise(value, signed=like.signed, block_size=like.block_size)
+        codes, scales = (_placed_alike(old, x) for old, x in ((like.codes, new.codes), (like.scales, new.scales)))
+        return _quantize.QuantizedArray(codes, scales, new.shape, new.signed, new.block_size)
     return value.astype(like.dtype)
+
+
+def _placed_alike(reference: Any, x: jax.Array) -> jax.Array:
+    if isinstance(x, jax.core.Tracer) and isinstance(reference, jax.core.Tracer) and reference.shape == x.shape:
+        return shard_alike(reference, x)[1]
+    return x
 
 
 def ema_update(value: jax.Array, previous: jax.Array, decay) -> jax.Array:
@@ -280,7 +285,12 @@ def check_real_params(owner: str, params: Any) -> None:
 
 
 def placed_zeros(x: Any, dtype) -> jax.Array:
-    """Zeros of ``x``'s shape in ``dtype``, sharded like ``x``.
+    """Zeros of ``x``'s shape in ``dtype``, sharded like ``x`` (:func:`placed_full` with 0)."""
+    return placed_full(x, 0, dtype)
+
+
+def placed_full(x: Any, value: Any, dtype) -> jax.Array:
+    """An array of ``x``'s shape in ``dtype`` filled with ``value``, sharded like ``x``.
 
     A concrete array or a ``ShapeDtypeStruct`` with a sharding lends its sharding directly.
     Under ``jit`` a traced leaf carries its sharding in its type only for ``Explicit`` mesh
@@ -290,7 +300,7 @@ def placed_zeros(x: Any, dtype) -> jax.Array:
     optimization barrier keeps the grouped zeros from being constant-folded into whatever the
     caller computes from them (``zeros + initial_value`` would otherwise lose the group).
     """
-    zeros = jax.lax.full_like(x, 0, dtype)
+    zeros = jax.lax.full_like(x, value, dtype)
     if not isinstance(zeros, jax.core.Tracer):
         return zeros
     zeros = jax.lax.optimization_barrier(zeros)
@@ -344,3 +354,67 @@ def _dropped_dim_struct(p: jax.ShapeDtypeStruct, dim: int) -> jax.ShapeDtypeStru
     elif sharding is not None and not sharding.is_fully_replicated:
         sharding = None
     return jax.ShapeDtypeStruct(shape, p.dtype, sharding=sharding)
+
+
+def placed_quantized_full(x: Any, value: float, *, signed: bool, block_size: int) -> _quantize.QuantizedArray:
+    """An 8-bit moment for parameter ``x`` holding ``value >= 0``, its codes and scales placed like ``x``.
+
+    In the block layouts (``gradtx.state.quantize.storage_shapes``) the codes have ``x``'s
+    shape and are placed like it, and the scales (shaped like ``x``'s leading dimensions, one
+    per block) like the matching slice of ``x``: sharded over the mesh axes of those
+    dimensions, replicated over the axes of the dimensions a block spans. Under ``jit`` XLA
+    derives that from ``x`` (a dead slice of ``x`` is the scales' reference); for a concrete
+    array or a ``ShapeDtypeStruct`` the shardings are computed from its ``NamedSharding``.
+    The flat layout's codes and scales follow ``x``'s flattening under ``jit`` and are
+    replicated otherwise.
+    """
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        # Concrete: create codes and scales straight in their shardings (no parameter-sized copy).
+        sharding = x.sharding if getattr(x, "committed", True) else None
+        x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    codes_reference, scales_reference = _quantized_references(x, block_size)
+    codes = placed_full(codes_reference, _quantize.fill_code(value, signed), jnp.uint8)
+    scales = placed_full(scales_reference, value, jnp.float32)
+    return _quantize.QuantizedArray(codes, scales, tuple(x.shape), signed, block_size)
+
+
+def _quantized_references(x: Any, block_size: int) -> tuple[Any, Any]:
+    # Arrays (or structs) of the codes' and scales' shapes whose placement is the one to give them.
+    shape = tuple(x.shape)
+    codes_shape, scales_shape = _quantize.storage_shapes(shape, block_size)
+    k = _quantize.block_dims(shape, block_size)
+    if isinstance(x, jax.ShapeDtypeStruct):
+        codes_sharding = x.sharding if codes_shape == shape else _replicated(x.sharding)
+        scales_sharding = _scales_sharding(x.sharding, shape, block_size) if k else _replicated(x.sharding)
+        return (
+            jax.ShapeDtypeStruct(codes_shape, jnp.uint8, sharding=codes_sharding),
+            jax.ShapeDtypeStruct(scales_shape, jnp.float32, sharding=scales_sharding),
+        )
+    if k:
+        # Index 0 of every within-block dimension of the blocked view: one element per block.
+        return x, x.reshape(_quantize.grouped_shape(shape, block_size))[(Ellipsis,) + (0,) * k]
+    flat = x.reshape(-1)
+    return flat, flat[::block_size]
+
+
+def _replicated(sharding: Any) -> Any:
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding if sharding is None or sharding.is_fully_replicated else None
+
+
+def _scales_sharding(sharding: Any, shape: tuple, block_size: int) -> Any:
+    # The parameter's spec on the leading dimensions; on the dimension the blocks run along, its
+    # mesh axes if each shard holds whole blocks; the dimensions inside a block are dropped.
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return _replicated(sharding)
+    k = _quantize.block_dims(shape, block_size)
+    along = len(shape) - k
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    entry = spec[along]
+    axes = () if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED else entry
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    blocks = _quantize.grouped_shape(shape, block_size)[along]
+    if not axes or blocks % math.prod(sharding.mesh.shape[a] for a in axes):
+        entry = None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:along], entry))

@@ -85,10 +85,9 @@ def _extra_args(name):
     return {}
 
 
-# 8-bit moments are flat codes and block scales made from shapes alone, so nothing ties them
-# to their parameter's sharding (see docs/distributed.md, Caveats). Strict: a fix makes these
-# tests fail until listed off.
-UNPLACED = {"adam_8bit"}
+# 8-bit moments whose blocks span a sharded dimension: each device takes the maxima of its part
+# of every block, and an all-reduce (or all-gather) of block maxima, never of the moment, combines them.
+BLOCK_REDUCED = {"adam_8bit"}
 # Optimizers with per-layer reductions (norms, means, factored moments); the others are elementwise.
 PER_LAYER = {"lamb", "lars", "novograd", "ranger", "sam", "clip_by_global_norm+adam", "adafactor_factored", "adafactor"}
 
@@ -119,8 +118,29 @@ def _check_follows(state, params, mesh=MESH, *, eager=False):
             assert leaf.sharding.is_fully_replicated, f"{where}: scalar {leaf.sharding} is not replicated"
 
 
+def _types(tree):
+    """The tree structure and every leaf's ``jax.typeof`` (pytree nodes such as 8-bit moments compare by structure)."""
+    return jax.tree.structure(tree), [jax.typeof(x) for x in jax.tree.leaves(tree)]
+
+
 def _collectives(compiled_text):
     return {c: len(re.findall(rf"\b{c}(?:-start)?\(", compiled_text)) for c in COLLECTIVES}
+
+
+def _collective_elements(compiled_text):
+    """For each collective of the compiled program, the element count of its largest result array."""
+    sizes = {c: [] for c in COLLECTIVES}
+    for line in compiled_text.splitlines():
+        for c in COLLECTIVES:
+            found = re.search(rf"=\s*(.*?)\s{c}(?:-start)?\(", line)
+            if found:
+                shapes = re.findall(r"\w+\[([\d,]*)\]", found.group(1))
+                sizes[c].append(max(int(np.prod([int(n) for n in s.split(",") if n])) for s in shapes))
+    return sizes
+
+
+def _scales(state):
+    return [x.scales for x in jax.tree.leaves(state, is_leaf=gradtx.tree.is_quantized) if gradtx.tree.is_quantized(x)]
 
 
 def _update_step(name):
@@ -128,29 +148,29 @@ def _update_step(name):
     return jax.jit(lambda g, s, p: tx.update(g, s, p, **_extra_args(name)))
 
 
-def _mark(name):
-    if name in UNPLACED:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="8-bit moments: flat codes and block scales are not placed like their parameter"))
-    return name
-
-
 # 1. State follows its parameter's sharding.
 
 
-@pytest.mark.parametrize("name", [_mark(n) for n in FACTORIES])
+@pytest.mark.parametrize("name", list(FACTORIES))
 def test_jitted_init_state_follows_params_and_update_keeps_it(name):
     params = _place(_params(), "mixed")
     state = jax.jit(FACTORIES[name]().init)(params)
     _check_follows(state, params)
     step = _update_step(name).lower(_grads(params), state, params).compile()
     updates, new_state = step(_grads(params), state, params)
-    assert jax.tree.map(jax.typeof, new_state) == jax.tree.map(jax.typeof, state)
+    assert _types(new_state) == _types(state)
     for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new_state), strict=True):
         assert after.sharding.is_equivalent_to(before.sharding, after.ndim), (before.sharding, after.sharding)
     for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates), strict=True):
         assert u.sharding.is_equivalent_to(p.sharding, u.ndim)
     counts = _collectives(step.as_text())
-    if name in PER_LAYER:
+    if name in BLOCK_REDUCED:
+        # Mixed layout: w's blocks (two rows) span its "model" shards, b's one block all of b.
+        largest = max(x.size for x in _scales(state))
+        sizes = _collective_elements(step.as_text())
+        assert counts["all-reduce"] > 0 and counts["all-gather"] == 0, counts
+        assert all(n <= largest for c in COLLECTIVES for n in sizes[c]), (sizes, largest)
+    elif name in PER_LAYER:
         # Per-layer reductions: partial sums and an all-reduce, never an all-gather of a whole array.
         assert counts["all-reduce"] > 0 and counts["all-gather"] == 0, counts
     else:
@@ -183,7 +203,7 @@ def test_eager_init_follows_concrete_shardings():
 
 
 @pytest.mark.parametrize(
-    "name", [_mark(n) for n in ["adam", "lamb", "novograd", "adafactor", "lookahead", "schedule_free", "inject_hyperparams"]]
+    "name", ["adam", "lamb", "novograd", "adafactor", "lookahead", "schedule_free", "inject_hyperparams", "adam_8bit"]
 )
 def test_state_from_shape_dtype_structs(name):
     params = _place(_params(), "mixed")
@@ -228,6 +248,117 @@ def test_per_layer_reductions_match_one_device(name):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
 
 
+# 8-bit moments: codes placed like the parameter, scales like its leading dimensions.
+
+EIGHT_BIT = {
+    # (shape, layout): the scales' expected spec. (64, 128): blocks of two 128-element rows,
+    # scales (32,); (256, 512): two blocks per row, scales (256, 2). The mesh axes of the
+    # dimensions a block spans are dropped (their shards hold parts of every block).
+    ((64, 128), "data_parallel"): P("data"),
+    ((64, 128), "model_parallel"): P(),
+    ((64, 128), "mixed"): P("data"),
+    ((256, 512), "data_parallel"): P("data", None),
+    ((256, 512), "model_parallel"): P(),  # 128-column shards, 256-element blocks
+    ((256, 512), "mixed"): P("data", None),
+}
+
+
+def _8bit_adam():
+    return gradtx.adam(1e-2, state_dtype=gradtx.Quantized8bit())
+
+
+@pytest.mark.parametrize("shape, layout", list(EIGHT_BIT))
+def test_8bit_moments_are_placed_like_their_parameter(shape, layout):
+    param = jax.device_put(jnp.linspace(-1.0, 1.0, np.prod(shape)).reshape(shape), NamedSharding(MESH, LAYOUTS[layout]["w"]))
+    abstract = jax.ShapeDtypeStruct(shape, param.dtype, sharding=param.sharding)
+    tx = _8bit_adam()
+    states = {
+        "jit": jax.jit(tx.init)(param),
+        "eager": tx.init(param),
+        "abstract": jax.jit(lambda: tx.init(abstract))(),
+    }
+    expected = NamedSharding(MESH, EIGHT_BIT[shape, layout])
+    for how, state in states.items():
+        for moment in (state[0].mu, state[0].nu):
+            assert moment.codes.shape == shape and moment.codes.dtype == jnp.uint8, how
+            assert moment.codes.sharding.is_equivalent_to(param.sharding, 2), (how, moment.codes.sharding)
+            assert moment.scales.sharding.is_equivalent_to(expected, moment.scales.ndim), (how, moment.scales.sharding)
+    abstract_state = gradtx.abstract_state(tx, abstract)
+    assert abstract_state[0].mu.scales.sharding.is_equivalent_to(expected, abstract_state[0].mu.scales.ndim)
+
+    # The update keeps every placement and type (also from the eagerly created state), and communicates
+    # block maxima only: no collective moves more elements than a moment has blocks.
+    grads = jnp.cos(param)
+    step = jax.jit(tx.update)
+    for state in states.values():
+        _, new_state = step(grads, state, param)
+        moments = lambda s: (s[0].mu, s[0].nu)  # noqa: E731 (an eager step counter is uncommitted: jit places it)
+        assert _types(moments(new_state)) == _types(moments(state))
+        for before, after in zip(jax.tree.leaves(moments(state)), jax.tree.leaves(moments(new_state)), strict=True):
+            assert after.sharding.is_equivalent_to(before.sharding, after.ndim), (before.sharding, after.sharding)
+    compiled = step.lower(grads, states["jit"], param).compile().as_text()
+    sizes = _collective_elements(compiled)
+    blocks = np.prod(shape) // 256
+    assert all(n <= blocks for c in COLLECTIVES for n in sizes[c]), sizes
+    print(
+        f"FIGURE 8-bit adam {shape} {layout}: collectives {_collectives(compiled)}, largest {max(sum(sizes.values(), [0]))} elements"
+    )
+
+    # The numbers are those of one device (the max of a block's shards is the block's max).
+    single_state = tx.init(np.asarray(param))
+    single_updates, single_state = jax.jit(tx.update)(np.asarray(grads), single_state, np.asarray(param))
+    updates, new_state = step(grads, states["jit"], param)
+    np.testing.assert_array_equal(np.asarray(updates), np.asarray(single_updates))
+    for a, b in zip(jax.tree.leaves(single_state), jax.tree.leaves(new_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
+def test_8bit_per_device_bytes_on_a_2x4_mesh():
+    params = {"big": jnp.ones((256, 512)), "small": jnp.ones((64, 128))}
+    figures = {}
+    for layout in ("data_parallel", "model_parallel", "mixed"):
+        placed = {k: jax.device_put(v, NamedSharding(MESH, LAYOUTS[layout]["w"])) for k, v in params.items()}
+        eight_bit = jax.jit(_8bit_adam().init)(placed)
+        float32 = jax.jit(gradtx.adam(1e-2).init)(placed)
+        scales = _scales(eight_bit)
+        scale_bytes = sum(s.addressable_shards[0].data.nbytes for s in scales)
+        ways = {"data_parallel": 2, "model_parallel": 4, "mixed": 8}[layout]
+        codes_bytes = 2 * sum(p.size for p in params.values()) // ways  # two moments, a byte per element
+        assert gradtx.device_bytes(eight_bit) == codes_bytes + scale_bytes + 4  # + the step counter
+        assert gradtx.device_bytes(float32) == 4 * codes_bytes + 4
+        figures[layout] = (gradtx.device_bytes(eight_bit), gradtx.device_bytes(float32))
+    # Scales replicated over "model" (blocks span its shards), split over "data" where it shards rows.
+    assert [s.size for s in _scales(eight_bit)] == [512, 32, 512, 32]
+    assert figures["data_parallel"][0] > figures["model_parallel"][0] > figures["mixed"][0]
+    total = {
+        k: sum(x.nbytes for x in jax.tree.leaves(jax.jit(f().init)(params)))
+        for k, f in (("8bit", _8bit_adam), ("f32", lambda: gradtx.adam(1e-2)))
+    }
+    for layout, (eight, f32) in figures.items():
+        print(
+            f"FIGURE 8-bit adam per-device state bytes on 2x4, {layout}, (256, 512) + (64, 128): {eight} "
+            f"(float32 adam {f32}; unsharded 8-bit {total['8bit']}, float32 {total['f32']}; 8-bit/float32 {eight / f32:.4f})"
+        )
+
+
+def test_8bit_flat_layout_stays_on_the_mesh_and_keeps_its_placement():
+    # (24, 48) with 256-element blocks: 1152 elements, 4.5 blocks straddling rows: the flat layout.
+    param = jax.device_put(jnp.linspace(-1.0, 1.0, 24 * 48).reshape(24, 48), NamedSharding(MESH, P("data", "model")))
+    tx = gradtx.adam(1e-2, state_dtype=gradtx.Quantized8bit(min_size=16))
+    for jitted in (True, False):
+        state = jax.jit(tx.init)(param) if jitted else tx.init(param)
+        assert state[0].mu.codes.shape == (24 * 48,) and state[0].mu.scales.shape == (5,)
+        assert all(_spread_over_mesh(x, MESH) for x in jax.tree.leaves((state[0].mu, state[0].nu)))
+        step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+        _, new_state = step(jnp.cos(param), state, param)
+        _, newer_state = step(jnp.cos(param), new_state, param)
+        moments = [(s[0].mu, s[0].nu) for s in (state, newer_state)]
+        for before, after in zip(*map(jax.tree.leaves, moments), strict=True):
+            assert after.sharding.is_equivalent_to(before.sharding, after.ndim), (before.sharding, after.sharding)
+        # One program (an eager state's uncommitted step counter is placed by the first step: two).
+        assert step._cache_size() == (1 if jitted else 2)
+
+
 # 2. ZeRO-1: state sharded over the data axis, parameters replicated.
 
 
@@ -235,7 +366,7 @@ def _model(widths=(16, 64, 10)):
     keys = jax.random.split(jax.random.key(0), len(widths))
     params = {f"w{i}": jax.random.normal(keys[i], (a, b)) / np.sqrt(a) for i, (a, b) in enumerate(zip(widths, widths[1:]))}
     params.update({f"b{i}": jnp.zeros(b) for i, b in enumerate(widths[1:])})
-    params["odd"] = jnp.full((3, 5), 0.1)  # no dimension divides 8: stays replicated
+    params["odd"] = jnp.full((3, 5), 0.1, jnp.float32)  # no dimension divides 8: stays replicated
     return params
 
 
@@ -247,7 +378,7 @@ def _batch_loss(params, x, y):
     return jnp.mean((h + jnp.sum(params["odd"]) - y) ** 2)
 
 
-def _train(tx, params, x, y, steps=3, *, placed=True):
+def _train(tx, params, x, y, steps=3):
     state = jax.jit(tx.init)(params)
 
     @jax.jit
@@ -255,14 +386,13 @@ def _train(tx, params, x, y, steps=3, *, placed=True):
         updates, state = tx.update(jax.grad(_batch_loss)(params, x, y), state, params)
         return gradtx.apply_updates(params, updates), state
 
-    types = jax.tree.map(jax.typeof, state)
+    types = _types(state)
     shardings = [x.sharding for x in jax.tree.leaves(state)]
     for _ in range(steps):
         params, state = step(params, state, x, y)
-    if not placed:  # adafactor: its state moves from device 0 onto the mesh (and recompiles once)
-        return params, state
-    assert jax.tree.map(jax.typeof, state) == types
+    assert _types(state) == types
     assert all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(jax.tree.leaves(state), shardings, strict=True))
+    assert step._cache_size() == 1  # the state's placement is a fixed point: no recompilation
     return params, state
 
 
@@ -271,6 +401,9 @@ ZERO1 = {
     "lamb": lambda: gradtx.lamb(1e-2, weight_decay=0.01),
     "adafactor": lambda: gradtx.adafactor(1e-2, min_dim_size_to_factor=8),
     "lookahead(adam)": lambda: gradtx.lookahead_wrapper(gradtx.adam(1e-2), sync_period=2, slow_step_size=0.5),
+    # 64-element blocks so that the small model's matrices are quantized: w0 (16, 64) in one-row
+    # blocks, w1 (64, 10) in the flat layout (its 10-element rows straddle blocks).
+    "adamw_8bit": lambda: gradtx.adamw(1e-2, weight_decay=0.1, state_dtype=gradtx.Quantized8bit(block_size=64, min_size=256)),
 }
 
 
@@ -294,7 +427,7 @@ def test_zero1_shards_the_state_and_matches_the_unsharded_run(name):
     params = jax.device_put(_model(), replicated)
     x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 16)), NamedSharding(DATA_MESH, P("data")))
     y = jax.device_put(jax.random.normal(jax.random.key(2), (64, 10)), NamedSharding(DATA_MESH, P("data")))
-    plain_params, plain_state = _train(ZERO1[name](), params, x, y, placed=name not in UNPLACED)
+    plain_params, plain_state = _train(ZERO1[name](), params, x, y)
     zero_params, zero_state = _train(gradtx.zero1(ZERO1[name](), DATA_MESH, axis="data"), params, x, y)
     assert jax.tree.structure(zero_state) == jax.tree.structure(plain_state)
     assert all(p.sharding.is_fully_replicated for p in jax.tree.leaves(zero_params))
@@ -373,3 +506,21 @@ def test_zero1_update_is_computed_shard_wise(name):
     counts = _collectives(jax.jit(tx.update).lower(grads, state, params).compile().as_text())
     split = sum(gradtx.zero1_dim(p.shape, 8) is not None for p in jax.tree.leaves(params))
     assert counts["all-gather"] == split, counts
+
+
+def test_zero1_8bit_update_is_computed_shard_wise():
+    # Block layouts only (one-row and four-row blocks of 64): the update all-gathers each split
+    # parameter's update and nothing else; ZeRO-1 slices of the rows hold whole blocks.
+    params = jax.device_put({"w": jnp.ones((64, 256)), "v": jnp.ones((32, 16))}, NamedSharding(DATA_MESH, P()))
+    tx = gradtx.zero1(gradtx.adamw(1e-2, state_dtype=gradtx.Quantized8bit(block_size=64, min_size=256)), DATA_MESH)
+    state = jax.jit(tx.init)(params)
+    assert [s.shape for s in _scales(state)] == [(8,), (64, 4), (8,), (64, 4)]
+    assert all(x.sharding.is_equivalent_to(NamedSharding(DATA_MESH, P("data")), x.ndim) for x in _scales(state))
+    grads = jax.tree.map(jnp.cos, params)
+    sizes = _collective_elements(jax.jit(tx.update).lower(grads, state, params).compile().as_text())
+    assert sorted(sizes["all-gather"]) == [32 * 16, 64 * 256] and not any(sizes[c] for c in COLLECTIVES if c != "all-gather"), (
+        sizes
+    )
+    # Every array (codes and scales) split 8 ways; the step counters whole on every device.
+    arrays, scalars = [x for x in jax.tree.leaves(state) if x.ndim], [x for x in jax.tree.leaves(state) if not x.ndim]
+    assert gradtx.device_bytes(state) == sum(x.nbytes for x in arrays) // 8 + sum(x.nbytes for x in scalars)

@@ -126,6 +126,61 @@ def test_round_trip_keeps_shape_and_block_size():
     _assert_within_code_bound(x, decoded, signed=True, block_size=64)
 
 
+# Layout: codes shaped like the array and scales like its leading dimensions when blocks tile the
+# trailing dimensions (so both can be sharded like the parameter); flat otherwise.
+LAYOUTS = {
+    (64, 128): ((64, 128), (32,)),  # 128 divides 256: blocks of two rows
+    (64, 1024): ((64, 1024), (64, 4)),  # four blocks per row
+    (3, 3, 64, 128): ((3, 3, 64, 128), (3, 3, 32)),  # a conv kernel: blocks of two rows
+    (64, 4, 16): ((64, 4, 16), (16,)),  # blocks of four 4x16 slices
+    (4096,): ((4096,), (16,)),
+    (1000,): ((1000,), (4,)),  # 1-D: flat is the array's shape, a partial last block
+    (3, 384): ((1152,), (5,)),  # blocks straddle rows: flat
+    (768, 50257): ((768 * 50257,), (768 * 50257 // 256,)),  # rows of an odd length: flat
+    (): ((1,), (1,)),
+}
+
+
+@pytest.mark.parametrize("shape", list(LAYOUTS), ids=str)
+def test_storage_shapes_follow_the_array_where_blocks_tile_its_trailing_dimensions(shape):
+    assert Q.storage_shapes(shape, 256) == LAYOUTS[shape]
+    assert Q.full(shape, 0.0, signed=True, block_size=256).codes.shape == LAYOUTS[shape][0]
+
+
+@pytest.mark.parametrize("shape", [s for s in LAYOUTS if np.prod(s) < 10**6], ids=str)
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_layout_stores_the_numbers_of_the_flat_layout(shape, signed):
+    # The same blocks of 256 row-major elements whatever the layout: codes and scales are the flat
+    # layout's, reshaped, and decode to the same array.
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=shape) * 10.0 ** rng.integers(-6, 3, size=shape)).astype(np.float32)
+    q = gradtx.quantize_blockwise(jnp.asarray(x), signed=signed)
+    flat = gradtx.quantize_blockwise(jnp.asarray(x).reshape(-1), signed=signed)
+    assert (q.codes.shape, q.scales.shape) == LAYOUTS[shape]
+    np.testing.assert_array_equal(np.asarray(q.codes).reshape(-1), np.asarray(flat.codes))
+    np.testing.assert_array_equal(np.asarray(q.scales).reshape(-1), np.asarray(flat.scales))
+    np.testing.assert_array_equal(
+        np.asarray(gradtx.dequantize_blockwise(q)), np.asarray(gradtx.dequantize_blockwise(flat)).reshape(shape)
+    )
+    _assert_within_code_bound(x, np.asarray(gradtx.dequantize_blockwise(q)), signed)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (64, 1024), (3, 384), (1000,)], ids=str)
+@pytest.mark.parametrize("value", [0.0, 0.1])
+@pytest.mark.parametrize("signed", [True, False])
+def test_full_is_the_quantized_filled_array(shape, value, signed):
+    full = Q.full(shape, value, signed=signed, block_size=256)
+    quantized = gradtx.quantize_blockwise(jnp.full(shape, value, jnp.float32), signed=signed)
+    for a, b in ((full.codes, quantized.codes), (full.scales, quantized.scales)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    placed = gradtx.tree.moment_full_like(
+        jax.ShapeDtypeStruct(shape, jnp.float32), value, gradtx.Quantized8bit(min_size=0), signed=signed
+    )
+    assert jax.tree.structure(placed) == jax.tree.structure(full)
+    np.testing.assert_array_equal(np.asarray(gradtx.dequantize_blockwise(placed)), np.full(shape, value, np.float32))
+
+
 def test_unsigned_code_rounds_negative_values_to_zero():
     x = jnp.array([-1.0, 0.5, 2.0, -3.0])
     decoded = gradtx.dequantize_blockwise(gradtx.quantize_blockwise(x, signed=False, block_size=4))

@@ -1,6 +1,6 @@
 """Block-wise 8-bit storage of optimizer moments (Dettmers et al., 2022).
 
-An array is flattened and cut into blocks of ``block_size`` (256) consecutive elements; each
+An array is cut, in row-major order, into blocks of ``block_size`` (256) consecutive elements; each
 block keeps one float32 scale, its largest magnitude (absmax), and one byte per element: the
 index of the nearest value of a 256-entry *dynamic* code to ``x / absmax``. The code is the one
 of bitsandbytes' ``create_dynamic_map`` (re-derived here, not copied): 7 decades
@@ -18,6 +18,14 @@ thresholds between decades, the bin inside the decade by one ``floor`` (bins are
 decade, so the bin that contains ``x`` is the nearest code). The result is exact nearest-code
 rounding (up to float32 rounding at exact ties). Decoding is one table look-up and a multiply.
 Stored codes are indices into the sorted code table, as in bitsandbytes.
+
+Layout (what makes 8-bit moments shardable): when blocks tile the trailing dimensions of the
+array (its last dimension is a multiple of ``block_size``, or divides it with whole groups of
+rows; :func:`block_dims`), the codes keep the array's shape and the scales are shaped like its
+leading dimensions (``(64, 1024) -> (64, 4)``, ``(64, 128) -> (32,)``), so both can be sharded
+like the parameter. Other shapes (scalars, blocks straddling rows) keep a flat layout: codes of
+``prod(shape)`` and ``ceil(prod(shape) / block_size)`` scales. The blocks, hence the numbers and
+the bytes, are the same in both layouts.
 """
 
 from __future__ import annotations
@@ -154,16 +162,20 @@ class Quantized8bit:
 
 @jax.tree_util.register_pytree_node_class
 class QuantizedArray:
-    """A block-quantized array: ``codes`` (uint8, flat) and ``scales`` (float32, one per block).
+    """A block-quantized array: ``codes`` (uint8, one per element) and ``scales`` (float32, one per block).
 
     A pytree whose children are the two arrays and whose static metadata is the original
     ``shape``, the ``signed``-ness of the code and the ``block_size``; so it passes through
     ``jit``, ``jax.tree.map`` over a state, donation, and checkpointing (Orbax) like any other
     state, and :func:`gradtx.state_bytes` counts its true size.
 
+    The arrays are shaped by :func:`storage_shapes`: ``codes`` like the array and ``scales``
+    like its leading dimensions when blocks tile its trailing ones (so both can be sharded like
+    the parameter), else flat.
+
     Args:
-        codes: uint8 array of ``prod(shape)`` indices into the code table.
-        scales: float32 array of ``ceil(prod(shape) / block_size)`` block absmax values.
+        codes: uint8 array of indices into the code table, of shape ``shape`` or ``(prod(shape),)``.
+        scales: float32 array of the block absmax values, one per block of ``block_size`` row-major elements.
         shape: the shape of the array it stands for.
         signed: whether the signed (first-moment) or unsigned (second-moment) code is used.
         block_size: elements per block.
@@ -173,6 +185,8 @@ class QuantizedArray:
         >>> q = gradtx.quantize_blockwise(jnp.linspace(-1.0, 1.0, 512), signed=True)
         >>> q.codes.dtype, q.scales.shape
         (dtype('uint8'), (2,))
+        >>> gradtx.quantize_blockwise(jnp.ones((3, 1024)), signed=False)
+        QuantizedArray(shape=(3, 1024), unsigned, block_size=256, codes (3, 1024), scales (3, 4))
 
     References:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
@@ -199,27 +213,99 @@ class QuantizedArray:
 
     def __repr__(self):
         kind = "signed" if self.signed else "unsigned"
-        return f"QuantizedArray(shape={self.shape}, {kind}, block_size={self.block_size})"
+        codes, scales = (tuple(getattr(x, "shape", ())) for x in (self.codes, self.scales))
+        return f"QuantizedArray(shape={self.shape}, {kind}, block_size={self.block_size}, codes {codes}, scales {scales})"
 
 
-def _block_absmax(flat: jax.Array, block_size: int, signed: bool) -> jax.Array:
-    """One float32 scale per block: the largest magnitude (signed) or the largest value, at least 0 (unsigned)."""
-    size = flat.shape[0]
+# Layout. A block is always ``block_size`` consecutive elements in row-major order (so the
+# numbers and the bytes per element never depend on the layout); the layout only decides how
+# ``codes`` and ``scales`` are shaped. When blocks tile the trailing dimensions, ``codes`` keeps
+# the array's shape and ``scales`` the shape of its leading dimensions, so both can be sharded
+# like the array (and element-wise code on a sharded moment needs no data movement).
+
+
+def block_dims(shape: tuple[int, ...], block_size: int) -> int:
+    """How many trailing dimensions of ``shape`` one block spans, ``k >= 1``; 0 for the flat layout.
+
+    ``k`` is the smallest count such that ``prod(shape[-k+1:])`` divides ``block_size`` and
+    ``block_size`` divides ``prod(shape[-k:])``: blocks never straddle an index of the leading
+    ``ndim - k`` dimensions. ``k = 1`` when the last dimension is a multiple of ``block_size``
+    (blocks inside rows); ``k = 2`` when it divides ``block_size`` and the rows group evenly
+    (a block is ``block_size / shape[-1]`` whole rows). Scalars, and shapes whose blocks straddle
+    rows (``(3, 384)`` or ``(768, 50257)`` with 256), have none: they keep the flat layout.
+    """
+    inner = 1  # the product of the trailing k - 1 dimensions
+    for k in range(1, len(shape) + 1):
+        if block_size % inner:
+            return 0
+        if (shape[-k] * inner) % block_size == 0:
+            return k
+        inner *= shape[-k]
+    return 0
+
+
+def grouped_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """``shape`` with dimension ``-k`` split into (blocks along it, its part of one block), ``k = block_dims(...) >= 1``.
+
+    A block is then one index of the first ``ndim - k + 1`` dimensions of this view, and the
+    scales have exactly that shape.
+    """
+    shape = tuple(shape)
+    d = len(shape) - block_dims(shape, block_size)
+    group = block_size // math.prod(shape[d + 1 :])
+    return shape[:d] + (shape[d] // group, group) + shape[d + 1 :]
+
+
+def storage_shapes(shape: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of ``codes`` and ``scales`` for an array of ``shape``.
+
+    With ``k = block_dims(shape, block_size) >= 1``: ``shape`` and ``shape[:-k]`` plus the number
+    of blocks along dimension ``-k``, e.g. ``(64, 1024) -> (64, 4)``, ``(64, 128) -> (32,)``.
+    Otherwise flat: ``(prod(shape),)`` and ``(ceil(prod(shape) / block_size),)``.
+    """
+    shape = tuple(shape)
+    k = block_dims(shape, block_size)
+    if k:
+        return shape, grouped_shape(shape, block_size)[: len(shape) - k + 1]
+    size = math.prod(shape)
+    return (size,), (-(-size // block_size),)
+
+
+def _reduce_blocks(blocks: jax.Array, axes: tuple[int, ...], signed: bool) -> jax.Array:
+    # max and -min, not max(|x|): XLA CPU vectorizes plain max/min reductions, not max(abs).
+    largest = jnp.max(blocks, axis=axes)
+    return jnp.maximum(largest, -jnp.min(blocks, axis=axes)) if signed else jnp.maximum(largest, 0.0)
+
+
+def _block_absmax(values: jax.Array, block_size: int, signed: bool) -> jax.Array:
+    """One float32 scale per block: the largest magnitude (signed) or the largest value, at least 0 (unsigned).
+
+    ``values`` is the array (a block layout) or its flattening (the flat layout).
+    """
+    k = block_dims(values.shape, block_size)
+    if k:
+        grouped = grouped_shape(values.shape, block_size)
+        return _reduce_blocks(values.reshape(grouped), tuple(range(len(grouped) - k, len(grouped))), signed)
+    size = values.shape[0]
     full = size - size % block_size
-
-    def reduce(part, width):
-        blocks = part.reshape(-1, width)
-        # max and -min, not max(|x|): XLA CPU vectorizes plain max/min reductions, not max(abs).
-        largest = jnp.max(blocks, axis=1)
-        return jnp.maximum(largest, -jnp.min(blocks, axis=1)) if signed else jnp.maximum(largest, 0.0)
-
-    parts = ([reduce(flat[:full], block_size)] if full else []) + ([reduce(flat[full:], size - full)] if full < size else [])
+    parts = [_reduce_blocks(values[:full].reshape(-1, block_size), (1,), signed)] if full else []
+    if full < size:
+        parts.append(_reduce_blocks(values[full:].reshape(1, -1), (1,), signed))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-def _per_element(per_block: jax.Array, size: int, block_size: int) -> jax.Array:
-    # A flat repeat fuses into the surrounding element-wise loop; a 2-D (blocks, 256) broadcast does not.
+def _per_element(per_block: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+    """Each block's value repeated over its elements, in the layout's element shape (``shape`` or flat)."""
+    # A repeat written as broadcast-then-merge fuses into the surrounding element-wise loop; a
+    # (blocks, 256) view of the values does not.
+    if block_dims(shape, block_size):
+        grouped = grouped_shape(shape, block_size)
+        trailing = len(grouped) - per_block.ndim
+        return jnp.broadcast_to(per_block.reshape(per_block.shape + (1,) * trailing), grouped).reshape(shape)
+    size = math.prod(shape)
     blocks = per_block.shape[0]
+    if blocks == 1:  # one (partial) block: a plain broadcast, no padded repeat to slice (and reshard)
+        return jnp.broadcast_to(per_block, (size,))
     return jnp.broadcast_to(per_block[:, None], (blocks, block_size)).reshape(blocks * block_size)[:size]
 
 
@@ -231,7 +317,10 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
         s_b = \max_{i \in b} |x_i|, \qquad c_i = \arg\min_k |q_k - x_i / s_b|
 
     with :math:`q` the signed or unsigned dynamic code (see the module docstring). With
-    ``signed=False`` negative values are rounded to 0.
+    ``signed=False`` negative values are rounded to 0. A block is ``block_size`` consecutive
+    elements in row-major order; the codes keep ``x``'s shape and the scales are shaped like
+    its leading dimensions when blocks tile its trailing ones (:func:`storage_shapes`), so a
+    sharded ``x`` gives codes and scales sharded alike; other shapes are stored flat.
 
     Args:
         x: a real array of any shape (computed in float32).
@@ -247,15 +336,20 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
         >>> q = gradtx.quantize_blockwise(x, signed=True, block_size=4)
         >>> [round(v, 4) for v in gradtx.dequantize_blockwise(q).tolist()]
         [0.5008, -0.993, 0.0097, 0.0]
+        >>> q = gradtx.quantize_blockwise(jnp.ones((64, 128)), signed=True)
+        >>> q.codes.shape, q.scales.shape  # blocks of two rows
+        ((64, 128), (32,))
 
     References:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
     """
-    shape = jnp.shape(x)
-    flat = jnp.asarray(x, jnp.float32).reshape(-1)
-    scales = _block_absmax(flat, block_size, signed)
+    shape = tuple(jnp.shape(x))
+    values = jnp.asarray(x, jnp.float32)
+    if storage_shapes(shape, block_size)[0] != shape:
+        values = values.reshape(-1)
+    scales = _block_absmax(values, block_size, signed)
     inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0.0)
-    normalized = flat * _per_element(inverse, flat.shape[0], block_size)
+    normalized = values * _per_element(inverse, values.shape, block_size)
     rank = _magnitude_rank(jnp.abs(normalized) if signed else jnp.maximum(normalized, 0.0), signed)
     if signed:
         # The table is [negatives descending..., 0, positives..., 1]: 0 sits at index 127 and -1 is absent.
@@ -284,18 +378,24 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
     """
     table = jnp.asarray(SIGNED_CODE if q.signed else UNSIGNED_CODE)
-    size = q.codes.shape[0]
-    values = table[q.codes.astype(jnp.int32)] * _per_element(q.scales, size, q.block_size)
+    values = table[q.codes.astype(jnp.int32)] * _per_element(q.scales, q.codes.shape, q.block_size)
     return values.reshape(q.shape)
 
 
+def fill_code(value: float, signed: bool) -> int:
+    """The code of every element of a block filled with ``value >= 0`` and scaled by ``value``: 1, or 0."""
+    return 255 if value > 0 else (SIGNED_ZERO if signed else UNSIGNED_ZERO)
+
+
 def full(shape: tuple[int, ...], value: float, *, signed: bool, block_size: int) -> QuantizedArray:
-    """A :class:`QuantizedArray` holding ``value >= 0`` everywhere, exactly: code 1 (or 0) times scale ``value``."""
-    size = math.prod(shape)
-    blocks = -(-size // block_size)
-    code = 255 if value > 0 else (SIGNED_ZERO if signed else UNSIGNED_ZERO)
-    codes = jnp.full((size,), code, jnp.uint8)
-    return QuantizedArray(codes, jnp.full((blocks,), value, jnp.float32), shape, signed, block_size)
+    """A :class:`QuantizedArray` holding ``value >= 0`` everywhere, exactly: code 1 (or 0) times scale ``value``.
+
+    Codes and scales have the shapes of :func:`storage_shapes`; they are unplaced constants
+    (``gradtx.tree.moment_full_like`` places them like a parameter).
+    """
+    codes_shape, scales_shape = storage_shapes(shape, block_size)
+    codes = jnp.full(codes_shape, fill_code(value, signed), jnp.uint8)
+    return QuantizedArray(codes, jnp.full(scales_shape, value, jnp.float32), shape, signed, block_size)
 
 
 def check_storage(owner: str, name: str, value: Any) -> None:
