@@ -21,8 +21,8 @@ import pytest
 import gradtx
 from gradtx.optimizers.adafactor import FactoredState
 from gradtx.optimizers.novograd import ScaleByNovogradState
-from gradtx.optimizers.sophia import ScaleBySophiaState
 from gradtx.optimizers.rmsprop import ScaleByRmsState
+from gradtx.optimizers.sophia import ScaleBySophiaState
 from gradtx.transforms.momentum import EmaState, TraceState
 from gradtx.wrappers.schedule_free import ScheduleFreeState
 
@@ -96,7 +96,8 @@ CASES = {
         needs_obj_fn=True,
     ),
     "schedule_free_adamw": Case(
-        lambda **kw: gradtx.schedule_free_adamw(0.01, **kw), lambda s: [_sf(s).z, _find(_sf(s).base_optimizer_state, ScaleByRmsState).nu]
+        lambda **kw: gradtx.schedule_free_adamw(0.01, **kw),
+        lambda s: [_sf(s).z, _find(_sf(s).base_optimizer_state, ScaleByRmsState).nu],
     ),
     "schedule_free_sgd": Case(lambda **kw: gradtx.schedule_free_sgd(0.1, **kw), lambda s: [_sf(s).z]),
 }
@@ -272,8 +273,8 @@ def test_sophia_8bit_hessian_stores_negative_curvature_as_zero_without_changing_
     params = {"w": jnp.linspace(-1.0, 1.0, 4096)}
     runs = {}
     for storage in (None, EIGHT_BIT):
-        tx = gradtx.scale_by_sophia(update_interval=1, hessian_estimator=gradtx.hutchinson_hessian_estimate,
-                                    mu_dtype=jnp.float32, state_dtype=storage)  # fmt: skip
+        estimator = gradtx.hutchinson_hessian_estimate
+        tx = gradtx.scale_by_sophia(update_interval=1, hessian_estimator=estimator, mu_dtype=jnp.float32, state_dtype=storage)
         state, steps = tx.init(params), []
         for _ in range(3):
             updates, state = tx.update(jax.grad(concave)(params), state, params, obj_fn=concave)
