@@ -7,8 +7,8 @@ save is in progress and checks that the previous checkpoint restores exactly; it
 the expected values with :func:`train`, which is deterministic.
 
 ``sharded``: needs 8 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``); saves an
-AdamW state created on one device, restores it into ``gradtx.abstract_state`` targets on a 2x4
-mesh, model-parallel and with ``gradtx.zero1`` over the data axis, and checks that every
+AdamW state (float32, then 8-bit) created on one device, restores it into ``gradtx.abstract_state``
+targets on a 2x4 mesh, model-parallel and with ``gradtx.zero1`` over the data axis, and checks that every
 restored array has the target's sharding, dtype and values. Exits non-zero with a message
 naming the leaf otherwise.
 """
@@ -102,6 +102,20 @@ def sharded(directory: str) -> None:
         sorted({s.data.shape for s in tree[1][0].mu["kernel"].addressable_shards}) for tree in (restored, zero_restored)
     ]
     print(f"restored {len(jax.tree.leaves(restored))} arrays with the target's shardings; mu['kernel'] shards {shard_shapes}")
+
+    # 8-bit moments: codes shaped like the kernel, scales like its row groups; both restore into
+    # their placed targets (codes like the kernel, scales replicated over "model"; ZeRO-1 over "data").
+    tx8 = gradtx.adamw(1e-2, state_dtype=gradtx.Quantized8bit())
+    state8 = tx8.init(params)
+    _, state8 = tx8.update(params, state8, params)
+    checkpoint.save(directory, 2, (params, state8))
+    for what, opt in (("8-bit", tx8), ("8-bit zero1", gradtx.zero1(tx8, mesh, axis="data"))):
+        target8 = (abstract_params, gradtx.abstract_state(opt, abstract_params))
+        restored8 = checkpoint.restore(directory, target8, step=2)
+        _check_restored(what, restored8, target8, (params, state8))
+        mu = restored8[1][0].mu["kernel"]
+        shards = [sorted({s.data.shape for s in x.addressable_shards}) for x in (mu.codes, mu.scales)]
+        print(f"{what}: restored with the target's shardings; codes and scales shards {shards}")
 
 
 def main(argv=None) -> int:

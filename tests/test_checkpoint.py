@@ -9,7 +9,8 @@
   first differing path and both sides.
 * A process killed (SIGKILL) while saving leaves the previous checkpoint usable (slow).
 * Restores take the target's shardings (8 simulated devices, in a subprocess), also
-  ``gradtx.zero1``'s: a plain optimizer's checkpoint restores into ZeRO-1 sharded state.
+  ``gradtx.zero1``'s: a plain optimizer's checkpoint restores into ZeRO-1 sharded state, and
+  8-bit moments (codes and scales) into their placed targets.
 """
 
 from __future__ import annotations
@@ -313,6 +314,10 @@ def test_restore_takes_the_targets_shardings_on_eight_devices_also_zero1(tmp_pat
     assert result.returncode == 0, f"checkpoint_worker.py sharded failed:\n{result.stderr[-4000:]}"
     # mu["kernel"] (64, 128): model parallel P(None, "model") on a 2x4 mesh, then ZeRO-1's P("data", "model").
     assert "with the target's shardings; mu['kernel'] shards [[(64, 32)], [(32, 32)]]" in result.stdout
+    # 8-bit: codes (64, 128) like the kernel, scales (32,) (blocks of two rows) replicated over "model";
+    # under ZeRO-1 both also split over "data".
+    assert "8-bit: restored with the target's shardings; codes and scales shards [[(64, 32)], [(32,)]]" in result.stdout
+    assert "8-bit zero1: restored with the target's shardings; codes and scales shards [[(32, 32)], [(16,)]]" in result.stdout
 
 
 MEGABYTES = 32  # parameters; Adam's two moments double it: each save writes ~100 MB, a window of ~1 s to kill in
