@@ -356,3 +356,32 @@ def test_adafactor_policy_gives_the_per_array_numbers_packed(storage):
 def test_bad_storage_is_rejected_at_build_time(factory, argument, bad):
     with pytest.raises(ValueError, match=rf"{argument} must be None or a floating dtype .*got {bad!r}"):
         factory(**{argument: bad})
+
+
+def test_sophia_gnb_alias_takes_the_policy_too():
+    x = jnp.linspace(-1.0, 1.0, 8 * 64).reshape(8, 64)
+    params = {"w": jnp.linspace(-0.1, 0.1, 64 * 128).reshape(64, 128)}
+
+    def logits_fn(p):
+        return x @ p["w"]
+
+    def loss(p):
+        return -jnp.mean(jax.nn.log_softmax(logits_fn(p))[:, 0])
+
+    tx = gradtx.sophia(1e-2, update_interval=1, state_dtype=EIGHT_BIT)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(loss)(params), state, params, logits_fn=logits_fn)
+        return gradtx.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    before = _types(state)
+    for _ in range(3):
+        params, state = step(params, state)
+    sophia = _find(state, ScaleBySophiaState)
+    assert _types(state) == before and step._cache_size() == 1
+    assert sophia.mu["w"].signed and not sophia.hessian["w"].signed
+    # The Gauss-Newton-Bartlett estimate is non-negative: refreshed twice, h is positive somewhere.
+    assert float(jnp.max(gradtx.dequantize_blockwise(sophia.hessian["w"]))) > 0
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(params))
