@@ -8,7 +8,6 @@ dtype policy live in one place.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -362,15 +361,20 @@ def placed_quantized_full(x: Any, value: float, *, signed: bool, block_size: int
     In the block layouts (``gradtx.state.quantize.storage_shapes``) the codes have ``x``'s
     shape and are placed like it, and the scales (shaped like ``x``'s leading dimensions, one
     per block) like the matching slice of ``x``: sharded over the mesh axes of those
-    dimensions, replicated over the axes of the dimensions a block spans. Under ``jit`` XLA
-    derives that from ``x`` (a dead slice of ``x`` is the scales' reference); for a concrete
-    array or a ``ShapeDtypeStruct`` the shardings are computed from its ``NamedSharding``.
-    The flat layout's codes and scales follow ``x``'s flattening under ``jit`` and are
-    replicated otherwise.
+    dimensions, replicated over the axes of the dimensions a block spans
+    (``gradtx.state.quantize.storage_specs``). Under ``jit`` on ``Auto`` axes XLA derives that
+    from ``x`` (a dead slice of ``x`` is the scales' reference); for a concrete array, a
+    ``ShapeDtypeStruct`` or a traced array sharded in its type (``Explicit`` axes) the
+    shardings are computed from its ``NamedSharding``. The flat layout's codes and scales
+    follow ``x``'s flattening under ``jit`` on ``Auto`` axes and are replicated otherwise.
     """
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    if isinstance(x, jax.core.Tracer):
+        typed = _quantize.typed_sharding(x)
+        if typed is not None:  # Explicit axes: the sharding is in the type
+            x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=typed)
+    elif not isinstance(x, jax.ShapeDtypeStruct):
         # Concrete: create codes and scales straight in their shardings (no parameter-sized copy).
-        sharding = x.sharding if getattr(x, "committed", True) else None
+        sharding = getattr(x, "sharding", None) if getattr(x, "committed", True) else None
         x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     codes_reference, scales_reference = _quantized_references(x, block_size)
     codes = placed_full(codes_reference, _quantize.fill_code(value, signed), jnp.uint8)
@@ -382,14 +386,13 @@ def _quantized_references(x: Any, block_size: int) -> tuple[Any, Any]:
     # Arrays (or structs) of the codes' and scales' shapes whose placement is the one to give them.
     shape = tuple(x.shape)
     codes_shape, scales_shape = _quantize.storage_shapes(shape, block_size)
-    k = _quantize.block_dims(shape, block_size)
     if isinstance(x, jax.ShapeDtypeStruct):
-        codes_sharding = x.sharding if codes_shape == shape else _replicated(x.sharding)
-        scales_sharding = _scales_sharding(x.sharding, shape, block_size) if k else _replicated(x.sharding)
+        codes_sharding, scales_sharding = _storage_shardings(x.sharding, shape, block_size)
         return (
             jax.ShapeDtypeStruct(codes_shape, jnp.uint8, sharding=codes_sharding),
             jax.ShapeDtypeStruct(scales_shape, jnp.float32, sharding=scales_sharding),
         )
+    k = _quantize.block_dims(shape, block_size)
     if k:
         # Index 0 of every within-block dimension of the blocked view: one element per block.
         return x, x.reshape(_quantize.grouped_shape(shape, block_size))[(Ellipsis,) + (0,) * k]
@@ -397,24 +400,10 @@ def _quantized_references(x: Any, block_size: int) -> tuple[Any, Any]:
     return flat, flat[::block_size]
 
 
-def _replicated(sharding: Any) -> Any:
+def _storage_shardings(sharding: Any, shape: tuple, block_size: int) -> tuple[Any, Any]:
     if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return sharding if sharding is None or sharding.is_fully_replicated else None
-
-
-def _scales_sharding(sharding: Any, shape: tuple, block_size: int) -> Any:
-    # The parameter's spec on the leading dimensions; on the dimension the blocks run along, its
-    # mesh axes if each shard holds whole blocks; the dimensions inside a block are dropped.
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return _replicated(sharding)
-    k = _quantize.block_dims(shape, block_size)
-    along = len(shape) - k
-    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    entry = spec[along]
-    axes = () if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED else entry
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    blocks = _quantize.grouped_shape(shape, block_size)[along]
-    if not axes or blocks % math.prod(sharding.mesh.shape[a] for a in axes):
-        entry = None
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:along], entry))
+        specs = _quantize.storage_specs(sharding.spec, dict(sharding.mesh.shape), shape, block_size)
+        return tuple(jax.sharding.NamedSharding(sharding.mesh, spec) for spec in specs)
+    # Another kind of sharding: kept where it is whole on every device (one device), else left to JAX.
+    kept = sharding if sharding is None or sharding.is_fully_replicated else None
+    return (sharding if _quantize.storage_shapes(shape, block_size)[0] == shape else kept), kept

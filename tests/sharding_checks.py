@@ -313,6 +313,29 @@ def test_8bit_moments_are_placed_like_their_parameter(shape, layout):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
 
 
+@pytest.mark.parametrize("shape, layout", list(EIGHT_BIT))
+def test_8bit_moments_on_explicit_axes_carry_their_sharding_in_the_type(shape, layout):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    spec = LAYOUTS[layout]["w"]
+    param = jax.device_put(jnp.linspace(-1.0, 1.0, np.prod(shape)).reshape(shape), NamedSharding(mesh, spec))
+    tx = _8bit_adam()
+    with jax.set_mesh(mesh):
+        grads = jnp.cos(param)
+        state = jax.jit(tx.init)(param)
+        step = jax.jit(tx.update)
+        updates, new_state = step(grads, state, param)
+        compiled = step.lower(grads, state, param).compile().as_text()
+    mu = state[0].mu
+    assert jax.typeof(mu.codes).sharding.spec == jax.typeof(param).sharding.spec
+    assert mu.scales.sharding.is_equivalent_to(NamedSharding(mesh, EIGHT_BIT[shape, layout]), mu.scales.ndim)
+    assert _types(new_state) == _types(state) and jax.typeof(updates) == jax.typeof(param)
+    sizes = _collective_elements(compiled)
+    assert all(n <= np.prod(shape) // 256 for c in COLLECTIVES for n in sizes[c]), sizes
+    single = jax.jit(tx.update)(np.asarray(grads), tx.init(np.asarray(param)), np.asarray(param))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves((updates, new_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
 def test_8bit_per_device_bytes_on_a_2x4_mesh():
     params = {"big": jnp.ones((256, 512)), "small": jnp.ones((64, 128))}
     figures = {}

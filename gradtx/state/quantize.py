@@ -31,6 +31,7 @@ the bytes, are the same in both layouts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -128,7 +129,11 @@ class Quantized8bit:
     with the signed dynamic code, second moments with the unsigned one). Arithmetic stays in
     float32: each step dequantizes, updates, and re-quantizes. Arrays with fewer than
     ``min_size`` elements (biases, norms) and complex arrays are stored unquantized in at least
-    float32: they are a negligible share of memory and the most sensitive to rounding.
+    float32: they are a negligible share of memory and the most sensitive to rounding. Where the
+    blocks tile a parameter's trailing dimensions (its last dimension a multiple of
+    ``block_size``, or dividing it), the codes keep the parameter's shape and the scales its
+    leading dimensions' (:func:`storage_shapes`), so 8-bit moments are sharded like their
+    parameter on a device mesh.
 
     Args:
         block_size: elements per block sharing one scale, a positive int (256 as in bitsandbytes).
@@ -344,9 +349,19 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
     """
     shape = tuple(jnp.shape(x))
-    values = jnp.asarray(x, jnp.float32)
-    if storage_shapes(shape, block_size)[0] != shape:
-        values = values.reshape(-1)
+    encode = functools.partial(_encode, signed=signed, block_size=block_size)
+    specs = _explicit_specs(x, block_size)
+    if specs is not None:
+        # Sharding in types (Explicit axes): the blocked view's reshapes have no typed sharding
+        # when blocks span shards, so XLA partitions the codec (as on Auto axes) and the
+        # results are typed with the layout's shardings.
+        encode = jax.sharding.auto_axes(encode, out_sharding=specs)
+    codes, scales = encode(jnp.asarray(x, jnp.float32))
+    return QuantizedArray(codes, scales, shape, signed, block_size)
+
+
+def _encode(x: jax.Array, *, signed: bool, block_size: int) -> tuple[jax.Array, jax.Array]:
+    values = x if storage_shapes(x.shape, block_size)[0] == x.shape else x.reshape(-1)
     scales = _block_absmax(values, block_size, signed)
     inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0.0)
     normalized = values * _per_element(inverse, values.shape, block_size)
@@ -356,7 +371,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
         codes = jnp.where(normalized < 0, SIGNED_ZERO - jnp.minimum(rank, SIGNED_ZERO), SIGNED_ZERO + rank)
     else:
         codes = rank
-    return QuantizedArray(codes.astype(jnp.uint8), scales, shape, signed, block_size)
+    return codes.astype(jnp.uint8), scales
 
 
 def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
@@ -377,9 +392,59 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     References:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
     """
-    table = jnp.asarray(SIGNED_CODE if q.signed else UNSIGNED_CODE)
-    values = table[q.codes.astype(jnp.int32)] * _per_element(q.scales, q.codes.shape, q.block_size)
-    return values.reshape(q.shape)
+    decode = functools.partial(_decode, signed=q.signed, block_size=q.block_size, shape=q.shape)
+    specs = _explicit_specs(jax.ShapeDtypeStruct(q.shape, jnp.float32, sharding=typed_sharding(q.codes)), q.block_size)
+    if specs is not None and q.codes.shape == q.shape:
+        decode = jax.sharding.auto_axes(decode, out_sharding=specs[0])
+    return decode(q.codes, q.scales)
+
+
+def _decode(codes: jax.Array, scales: jax.Array, *, signed: bool, block_size: int, shape: tuple[int, ...]) -> jax.Array:
+    table = jnp.asarray(SIGNED_CODE if signed else UNSIGNED_CODE)
+    values = table[codes.astype(jnp.int32)] * _per_element(scales, codes.shape, block_size)
+    return values.reshape(shape)
+
+
+def storage_specs(spec: Any, axis_sizes: Any, shape: tuple[int, ...], block_size: int) -> tuple[Any, Any]:
+    """The partition specs of ``codes`` and ``scales`` for an array of ``shape`` partitioned by ``spec``.
+
+    ``axis_sizes`` maps mesh axis names to sizes. Codes shaped like the array take ``spec``;
+    scales take its entries on the leading dimensions and, on the dimension the blocks run
+    along, its entry when every shard holds whole blocks; the mesh axes of the dimensions inside
+    a block are dropped (each device then holds a part of every block, and block maxima are
+    combined across them). The flat layout's arrays are replicated.
+    """
+    P = jax.sharding.PartitionSpec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    codes_shape, _ = storage_shapes(shape, block_size)
+    k = block_dims(shape, block_size)
+    if not k:
+        return (P(*entries) if codes_shape == tuple(shape) else P()), P()
+    along = len(shape) - k
+    entry = entries[along]
+    axes = () if entry is None or entry is P.UNCONSTRAINED else (entry,) if isinstance(entry, str) else tuple(entry)
+    if not axes or grouped_shape(shape, block_size)[along] % math.prod(axis_sizes[a] for a in axes):
+        entry = None
+    return P(*entries), P(*entries[:along], entry)
+
+
+def typed_sharding(x: Any) -> Any:
+    """The ``NamedSharding`` in ``x``'s type on a mesh with ``Explicit`` axes, else ``None``."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except TypeError:
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    return sharding if mesh is not None and not mesh.empty and mesh.explicit_axes else None
+
+
+def _explicit_specs(x: Any, block_size: int) -> Any:
+    # Codes' and scales' NamedShardings when x is sharded in its type (Explicit axes), else None.
+    sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else typed_sharding(x)
+    if sharding is None or all(e is None for e in sharding.spec):
+        return None
+    specs = storage_specs(sharding.spec, dict(sharding.mesh.shape), tuple(jnp.shape(x)), block_size)
+    return tuple(jax.sharding.NamedSharding(sharding.mesh, spec) for spec in specs)
 
 
 def fill_code(value: float, signed: bool) -> int:
