@@ -30,6 +30,7 @@ import numpy as np
 
 from gradtx import tree as tree_lib
 from gradtx.base import elementwise
+from gradtx.state import quantize as quantize_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +278,13 @@ def unpack(packed: Packed, offsets: Sequence[Any] | None = None) -> Any:
     if offsets is None:
         leaves = [jax.lax.slice_in_dim(packed.buffers[s.buffer], s.offset, s.offset + s.size) for s in layout.slots]
     else:
-        leaves = [jax.lax.dynamic_slice_in_dim(packed.buffers[s.buffer], o, s.size) for s, o in zip(layout.slots, offsets)]
+        # Offsets are never negative: no wrap-around select per slice (XLA:CPU compiles 2,048
+        # slices in half the time without it).
+        buffers = packed.buffers
+        leaves = [
+            jax.lax.dynamic_slice_in_dim(buffers[s.buffer], o, s.size, allow_negative_indices=False)
+            for s, o in zip(layout.slots, offsets)
+        ]
     return jax.tree.unflatten(layout.treedef, [x.reshape(s.shape) for x, s in zip(leaves, layout.slots)])
 
 
@@ -563,6 +570,8 @@ def pack_state(tx: Any, state: Any, layout: PackedLayout) -> Any:
     template = jax.eval_shape(tx.init, shapes)
 
     def convert(node, values):
+        if is_packed(node) and any(isinstance(b, QuantizedBuffer) for b in node.buffers):
+            return _pack_quantized(node, node.layout.treedef.flatten_up_to(values))
         if is_packed(node):
             return pack(values, node.layout)
         if isinstance(node, Stacked):
@@ -594,6 +603,194 @@ def unpack_state(state: Any) -> Any:
         Rasley et al., 2020. DeepSpeed: System Optimizations Enable Training Deep Learning Models with
         Over 100 Billion Parameters (flattened parameter buffers), https://doi.org/10.1145/3394486.3406703
     """
-    return jax.tree.map(
-        lambda x: unpack(x) if is_packed(x) else _unstack_runs(x) if isinstance(x, Stacked) else x, state, is_leaf=_is_node
-    )
+    def convert(x):
+        if is_packed(x) and any(isinstance(b, QuantizedBuffer) for b in x.buffers):
+            per_leaf = {index: value for b in x.buffers for index, value in b.per_array().items()}
+            return jax.tree.unflatten(x.layout.treedef, [per_leaf[i] for i in range(x.layout.num_arrays)])
+        return unpack(x) if is_packed(x) else _unstack_runs(x) if isinstance(x, Stacked) else x
+
+    return jax.tree.map(convert, state, is_leaf=_is_node)
+
+
+# 8-bit moments of packed buffers: quantized array by array, never across arrays.
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(layout: PackedLayout, buffer: int, quantized: tuple) -> tuple[tuple, dict]:
+    """The buffer's segments in order, and the position in ``rest`` of each unquantized array.
+
+    Segments are ``("rest", start, stop, at)`` (consecutive unquantized arrays, at ``at`` in
+    ``rest``; the layout sorts by size, so they are usually one prefix) and ``("run", r, k)``
+    (run ``r`` of ``layout.runs``, the ``k``-th quantized one).
+    """
+    segments: list = []
+    positions: dict = {}
+    for r, run in enumerate(layout.runs):
+        if run.buffer != buffer:
+            continue
+        if r in quantized:
+            segments.append(("run", r, quantized.index(r)))
+            continue
+        at = sum(s[2] - s[1] for s in segments if s[0] == "rest")
+        positions.update({i: at + layout.slots[i].offset - run.offset for i in run.leaf_indices})
+        stop = run.offset + run.count * run.size
+        if segments and segments[-1][0] == "rest":
+            segments[-1] = ("rest", segments[-1][1], stop, segments[-1][3])
+        else:
+            segments.append(("rest", run.offset, stop, at))
+    return tuple(segments), positions
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QuantizedBuffer:
+    r"""The 8-bit moment of one packed buffer, quantized array by array: the per-array ``QuantizedArray``\ s, stacked per run.
+
+    Under ``gradtx.Quantized8bit`` a moment of a :class:`Packed` tree holds one
+    ``QuantizedBuffer`` per buffer. Blocks never straddle two arrays: each run of equal-shape
+    arrays that the policy quantizes is one ``QuantizedArray`` batched along the run (codes
+    ``(count, *codes_shape)``, scales ``(count, *scales_shape)``, the array's shape as
+    metadata), i.e. exactly the per-array codes and scales; the arrays the policy leaves
+    unquantized (under ``min_size``) are one 1-D ``rest`` array in at least float32. Loading
+    gives the whole buffer in float32, so element-wise building blocks update it as one array;
+    storing re-quantizes each run with ``vmap``. The numbers and the bytes are those of the
+    per-array state, and :func:`pack_state` / :func:`unpack_state` convert exactly.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> params = gradtx.pack({"w": jnp.zeros((64, 128)), "b": jnp.zeros(128)})
+        >>> tx = gradtx.adam(1e-3, state_dtype=gradtx.Quantized8bit())
+        >>> mu = tx.init(params)[0].mu.buffers[0]
+        >>> mu.rest.shape, mu.runs[0].codes.shape, mu.runs[0].scales.shape
+        ((128,), (1, 64, 128), (1, 32))
+
+    References:
+        Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
+    """
+
+    def __init__(self, rest: Any, runs: Sequence[Any], layout: PackedLayout, buffer: int, quantized: tuple):
+        self.rest = rest
+        self.runs = tuple(runs)
+        self.layout = layout
+        self.buffer = buffer
+        self.quantized = quantized  # indices into layout.runs of the runs stored in 8 bits
+
+    def tree_flatten_with_keys(self):
+        children = [(jax.tree_util.GetAttrKey("rest"), self.rest)]
+        children += [(jax.tree_util.GetAttrKey(f"run_{r}"), q) for r, q in zip(self.quantized, self.runs)]
+        return children, (self.layout, self.buffer, self.quantized)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], children[1:], *aux)
+
+    def __repr__(self) -> str:
+        return f"QuantizedBuffer({len(self.runs)} quantized runs, rest {tuple(getattr(self.rest, 'shape', ()))})"
+
+    @classmethod
+    def full(cls, like: Any, layout: PackedLayout, buffer: int, value: float, storage: Any, signed: bool) -> QuantizedBuffer:
+        """Buffer ``buffer``'s moment (``like`` is the buffer or its struct) filled with ``value >= 0``, exactly as per array."""
+        dtype = jnp.dtype(like.dtype)
+        quantized = tuple(
+            r
+            for r, run in enumerate(layout.runs)
+            if run.buffer == buffer and storage.applies_to(jax.ShapeDtypeStruct(run.shape, dtype))
+        )
+        runs = []
+        for r in quantized:
+            run = layout.runs[r]
+            one = quantize_lib.full(run.shape, value, signed=signed, block_size=storage.block_size)
+            runs.append(jax.tree.map(lambda x, n=run.count: jnp.broadcast_to(x, (n, *x.shape)), one))
+        rest_size = sum(s[2] - s[1] for s in _plan(layout, buffer, quantized)[0] if s[0] == "rest")
+        rest = jnp.full((rest_size,), value, jnp.promote_types(dtype, jnp.float32))
+        return cls(rest, runs, layout, buffer, quantized)
+
+    def dequantize(self) -> jax.Array:
+        """The whole buffer's moment as one 1-D array in at least float32."""
+        pieces = []
+        for segment in _plan(self.layout, self.buffer, self.quantized)[0]:
+            if segment[0] == "rest":
+                _, start, stop, at = segment
+                pieces.append(jax.lax.slice_in_dim(self.rest, at, at + stop - start))
+            else:
+                values = _map_run(quantize_lib.dequantize_blockwise, [self.runs[segment[2]]])
+                pieces.append(values.reshape(-1).astype(self.rest.dtype))
+        if not pieces:
+            return self.rest
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+    def requantize(self, value: jax.Array) -> QuantizedBuffer:
+        """``value`` (the whole buffer's moment, 1-D) stored like this moment: each run re-quantized on its own blocks."""
+        rest, runs = [], []
+        for segment in _plan(self.layout, self.buffer, self.quantized)[0]:
+            if segment[0] == "rest":
+                rest.append(jax.lax.slice_in_dim(value, segment[1], segment[2]))
+                continue
+            run, old = self.layout.runs[segment[1]], self.runs[segment[2]]
+            view = jax.lax.slice_in_dim(value, run.offset, run.offset + run.count * run.size).reshape((run.count, *run.shape))
+            encode = functools.partial(quantize_lib.quantize_blockwise, signed=old.signed, block_size=old.block_size)
+            runs.append(_map_run(encode, [view]))
+        rest = rest[0] if len(rest) == 1 else jnp.concatenate(rest) if rest else jnp.zeros([0], self.rest.dtype)
+        return QuantizedBuffer(rest.astype(self.rest.dtype), runs, self.layout, self.buffer, self.quantized)
+
+    def per_array(self) -> dict:
+        """``{slot index: the array's moment}``, a ``QuantizedArray`` or an unquantized array, as ``tx.init`` builds per array."""
+        segments, positions = _plan(self.layout, self.buffer, self.quantized)
+        arrays = {}
+        for r, q in zip(self.quantized, self.runs):
+            for position, index in enumerate(self.layout.runs[r].leaf_indices):
+                arrays[index] = jax.tree.map(lambda x, i=position: x[i], q)
+        for index, at in positions.items():
+            slot = self.layout.slots[index]
+            arrays[index] = jax.lax.slice_in_dim(self.rest, at, at + slot.size).reshape(slot.shape)
+        return arrays
+
+
+def quantized_moment_full(x: Packed, value: float, storage: Any, *, signed: bool) -> Packed:
+    """An 8-bit moment of the packed parameters ``x`` holding ``value >= 0``: one :class:`QuantizedBuffer` per buffer.
+
+    Internal: ``gradtx.tree.moment_full_like`` calls it for :class:`Packed` parameters under
+    ``gradtx.Quantized8bit``, so every moment-based building block gets per-array blocks.
+    """
+    buffers = [QuantizedBuffer.full(b, x.layout, i, value, storage, signed) for i, b in enumerate(x.buffers)]
+    return Packed(buffers, x.layout)
+
+
+def _pack_quantized(template: Packed, per_leaf: list) -> Packed:
+    """The packed 8-bit moment (shaped like ``template``) holding the per-array moments ``per_leaf`` (slot order)."""
+    layout = template.layout
+    buffers = []
+    for like in template.buffers:
+        segments, positions = _plan(layout, like.buffer, like.quantized)
+        runs = []
+        for r in like.quantized:
+            arrays = [_checked_quantized(layout, i, per_leaf[i], like) for i in layout.runs[r].leaf_indices]
+            runs.append(jax.tree.map(lambda *x: jnp.stack(x), *arrays))
+        rest = [jnp.ravel(_checked_plain(layout, i, per_leaf[i], like)) for i in sorted(positions, key=positions.get)]
+        rest = jnp.concatenate(rest) if len(rest) > 1 else rest[0] if rest else jnp.zeros([0], like.rest.dtype)
+        buffers.append(QuantizedBuffer(rest, runs, layout, like.buffer, like.quantized))
+    return Packed(buffers, layout)
+
+
+def _checked_quantized(layout: PackedLayout, index: int, value: Any, like: QuantizedBuffer) -> Any:
+    slot, batched = layout.slots[index], like.runs[like.quantized.index(_run_of(layout, index))]
+    expected = (slot.shape, batched.signed, batched.block_size)
+    if not isinstance(value, quantize_lib.QuantizedArray) or (value.shape, value.signed, value.block_size) != expected:
+        raise ValueError(
+            f"pack_state: the moment of params{slot.path} must be a QuantizedArray of shape {slot.shape} "
+            f"(signed={batched.signed}, block_size={batched.block_size}) as tx.init builds it, got {value!r}"
+        )
+    return value
+
+
+def _checked_plain(layout: PackedLayout, index: int, value: Any, like: QuantizedBuffer) -> Any:
+    slot = layout.slots[index]
+    if isinstance(value, quantize_lib.QuantizedArray) or tuple(jnp.shape(value)) != slot.shape:
+        raise ValueError(
+            f"pack_state: the moment of params{slot.path} must be an unquantized array of shape {slot.shape} "
+            f"(under the policy's min_size) as tx.init builds it, got {value!r}"
+        )
+    return jnp.asarray(value, like.rest.dtype)
+
+
+def _run_of(layout: PackedLayout, index: int) -> int:
+    return next(r for r, run in enumerate(layout.runs) if index in run.leaf_indices)
