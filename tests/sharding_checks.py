@@ -73,6 +73,8 @@ WRAPPERS = {
     "clip_by_global_norm+adam": lambda: gradtx.chain(gradtx.clip_by_global_norm(0.1), gradtx.adam(1e-2)),
     "adafactor_factored": lambda: gradtx.adafactor(1e-2, min_dim_size_to_factor=8),
     "adam_8bit": lambda: gradtx.adam(1e-2, state_dtype=gradtx.Quantized8bit(min_size=16)),
+    # Unfactored 8-bit second moments (factoring off): created from the parameter, so placed like it.
+    "adafactor_8bit": lambda: gradtx.adafactor(1e-2, factored=False, state_dtype=gradtx.Quantized8bit(min_size=16)),
 }
 FACTORIES = {**{e.name: e.make for e in ALL}, **WRAPPERS}
 
@@ -87,9 +89,19 @@ def _extra_args(name):
 
 # 8-bit moments whose blocks span a sharded dimension: each device takes the maxima of its part
 # of every block, and an all-reduce (or all-gather) of block maxima, never of the moment, combines them.
-BLOCK_REDUCED = {"adam_8bit"}
+BLOCK_REDUCED = {"adam_8bit", "adafactor_8bit"}
 # Optimizers with per-layer reductions (norms, means, factored moments); the others are elementwise.
-PER_LAYER = {"lamb", "lars", "novograd", "ranger", "sam", "clip_by_global_norm+adam", "adafactor_factored", "adafactor"}
+PER_LAYER = {
+    "lamb",
+    "lars",
+    "novograd",
+    "ranger",
+    "sam",
+    "clip_by_global_norm+adam",
+    "adafactor_factored",
+    "adafactor",
+    "adafactor_8bit",
+}
 
 
 def _param_of(path, params):

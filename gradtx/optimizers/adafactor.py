@@ -181,6 +181,12 @@ def _second_moments(shapes: Any, params: Any, storage: Any) -> Any:
     """
     if not isinstance(storage, quantize.Quantized8bit):
         return tree.zeros_like_derived(shapes, params, storage)
+    if jax.tree.structure(shapes) == jax.tree.structure(params):
+        # Per-array: a full-shape moment is created from its parameter, so it is placed like it (sharded models).
+        def per_leaf(shape, p):
+            return tree.moment_zeros_like(p if tuple(p.shape) == tuple(shape.shape) else shape, storage, signed=False)
+
+        return jax.tree.map(per_leaf, shapes, params)
 
     def per_node(node):
         if not isinstance(node, packed.Stacked):
