@@ -279,9 +279,10 @@ def test_narrow_storage_keeps_arithmetic_in_float32(dtype):
     assert updates.dtype == jnp.float32
 
 
-# Every alias whose optimizer keeps moments takes state_dtype; those below are owned elsewhere
-# (factored, per-layer or Hessian moments, schedule-free sequences) and checked by their own tests.
-WITHOUT_STATE_DTYPE = {"schedule_free_sgd"}  # takes state_dtype, but has no moment: its one state is the iterate z, never 8-bit
+# Every alias whose optimizer keeps moments takes state_dtype and runs with 8-bit moments. The one
+# exception keeps no moment: schedule-free SGD's only state is its iterate z, which takes
+# state_dtype as a float dtype but is never 8-bit (tests/test_state_dtype_policy.py checks both).
+WITHOUT_STATE_DTYPE = {"schedule_free_sgd"}
 MOMENT_BASED = sorted(entry.name for entry in ALL if entry.name not in WITHOUT_STATE_DTYPE)
 
 
