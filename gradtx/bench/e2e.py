@@ -10,6 +10,7 @@ rounds; the update's added step time and added compile time are the differences.
 from __future__ import annotations
 
 import gc
+import re
 import time
 
 import jax
@@ -34,6 +35,11 @@ def _tower(layers: int, seed: int):
             return x
 
     return Tower(nnx.Rngs(seed))
+
+
+def _copies(hlo_text: str) -> int:
+    """How many ``copy`` instructions the compiled step runs (XLA:CPU's are single-threaded: ~20 ms per 64 MiB)."""
+    return sum(1 for line in hlo_text.splitlines() if re.search(r"= \S+ copy\(", line))
 
 
 def _loss(model, x):
@@ -64,8 +70,9 @@ class _TrainStepCase:
         self.step = make_train_step(_loss, packed=packed)
         self.x = x
         start = time.perf_counter()
-        self.step.compile(self.model, self.optimizer, x)
+        compiled = self.step.compile(self.model, self.optimizer, x)
         self.compile_s = time.perf_counter() - start
+        self.copies = _copies(compiled.as_text())
         self.samples: list[float] = []
 
     def run(self) -> float:
@@ -103,6 +110,7 @@ def run_e2e(leaves: int, *, calls: int, optimizer: str = "adamw", seed: int = 0)
             "compile_s": compile_s,
             "added_ms": ms - base_ms,
             "added_compile_s": compile_s - base_compile,
+            "copies": cases[name].copies,
         }
     optax_added, optax_added_compile = row["optax"]["added_ms"], row["optax"]["added_compile_s"]
     for name in ("gradtx", "gradtx_packed"):
