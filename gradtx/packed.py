@@ -603,6 +603,7 @@ def unpack_state(state: Any) -> Any:
         Rasley et al., 2020. DeepSpeed: System Optimizations Enable Training Deep Learning Models with
         Over 100 Billion Parameters (flattened parameter buffers), https://doi.org/10.1145/3394486.3406703
     """
+
     def convert(x):
         if is_packed(x) and any(isinstance(b, QuantizedBuffer) for b in x.buffers):
             per_leaf = {index: value for b in x.buffers for index, value in b.per_array().items()}

@@ -124,6 +124,8 @@ def moment_full_like(params: Any, value: float, storage: Any = None, *, signed: 
         return zeros if value == 0 else jax.tree.map(lambda z: store(load(z) + value, z), zeros)
 
     def per_leaf(x):
+        if isinstance(x, _packed().Packed):  # per-array blocks: never one block across two arrays
+            return _packed().quantized_moment_full(x, value, storage, signed=signed)
         array = _unboxed(x)
         if not storage.applies_to(array):
             zeros = zeros_like(x, jnp.promote_types(array.dtype, jnp.float32))
@@ -136,7 +138,14 @@ def moment_full_like(params: Any, value: float, storage: Any = None, *, signed: 
         box = type(x)
         return _quantize.QuantizedArray(box(full.codes), box(full.scales), full.shape, full.signed, full.block_size)
 
-    return jax.tree.map(per_leaf, params, is_leaf=_is_box)
+    return jax.tree.map(per_leaf, params, is_leaf=lambda x: _is_box(x) or isinstance(x, _packed().Packed))
+
+
+def _packed():
+    # gradtx.packed imports this module: import it where first needed.
+    from gradtx import packed
+
+    return packed
 
 
 def _is_box(x: Any) -> bool:
@@ -149,12 +158,14 @@ def _unboxed(x: Any) -> Any:
 
 
 def is_quantized(x: Any) -> bool:
-    """Whether ``x`` is a block-quantized moment (a ``QuantizedArray``)."""
-    return isinstance(x, _quantize.QuantizedArray)
+    """Whether ``x`` is a block-quantized moment (a ``QuantizedArray``, or a packed buffer's ``QuantizedBuffer``)."""
+    return isinstance(x, (_quantize.QuantizedArray, _packed().QuantizedBuffer))
 
 
 def load(stored: Any) -> jax.Array:
     """A stored moment as an array in at least float32 (dequantized if 8-bit)."""
+    if isinstance(stored, _packed().QuantizedBuffer):
+        return stored.dequantize()
     if is_quantized(stored):
         return _quantize.dequantize_blockwise(stored)
     return at_least_float32(stored)
@@ -169,6 +180,8 @@ def store(value: jax.Array, like: Any) -> Any:
     of a flat layout or of blocks that span a sharded dimension would otherwise be placed
     anew by XLA, and the next step would recompile for the new placement).
     """
+    if isinstance(like, _packed().QuantizedBuffer):
+        return like.requantize(value)
     if is_quantized(like):
         new = _quantize.quantize_blockwise(value, signed=like.signed, block_size=like.block_size)
         codes, scales = (_placed_alike(old, x) for old, x in ((like.codes, new.codes), (like.scales, new.scales)))
