@@ -761,37 +761,42 @@ def _pack_quantized(template: Packed, per_leaf: list) -> Packed:
     layout = template.layout
     buffers = []
     for like in template.buffers:
-        segments, positions = _plan(layout, like.buffer, like.quantized)
+        positions = _plan(layout, like.buffer, like.quantized)[1]
         runs = []
-        for r in like.quantized:
-            arrays = [_checked_quantized(layout, i, per_leaf[i], like) for i in layout.runs[r].leaf_indices]
+        for r, batched in zip(like.quantized, like.runs):
+            arrays = [_checked_quantized(layout.slots[i], per_leaf[i], batched) for i in layout.runs[r].leaf_indices]
             runs.append(jax.tree.map(lambda *x: jnp.stack(x), *arrays))
-        rest = [jnp.ravel(_checked_plain(layout, i, per_leaf[i], like)) for i in sorted(positions, key=positions.get)]
+        rest = [jnp.ravel(_checked_plain(layout.slots[i], per_leaf[i], like.rest)) for i in sorted(positions, key=positions.get)]
         rest = jnp.concatenate(rest) if len(rest) > 1 else rest[0] if rest else jnp.zeros([0], like.rest.dtype)
         buffers.append(QuantizedBuffer(rest, runs, layout, like.buffer, like.quantized))
     return Packed(buffers, layout)
 
 
-def _checked_quantized(layout: PackedLayout, index: int, value: Any, like: QuantizedBuffer) -> Any:
-    slot, batched = layout.slots[index], like.runs[like.quantized.index(_run_of(layout, index))]
-    expected = (slot.shape, batched.signed, batched.block_size)
-    if not isinstance(value, quantize_lib.QuantizedArray) or (value.shape, value.signed, value.block_size) != expected:
+def _checked_quantized(slot: LeafSlot, value: Any, batched: Any) -> Any:
+    def signature(q, batch=()):
+        arrays = tuple((tuple(x.shape[len(batch) :]), jnp.dtype(x.dtype)) for x in (q.codes, q.scales))
+        return (q.shape, q.signed, q.block_size, *arrays)
+
+    if not isinstance(value, quantize_lib.QuantizedArray) or signature(value) != signature(batched, batch=(None,)):
         raise ValueError(
-            f"pack_state: the moment of params{slot.path} must be a QuantizedArray of shape {slot.shape} "
-            f"(signed={batched.signed}, block_size={batched.block_size}) as tx.init builds it, got {value!r}"
+            f"the moment of params{slot.path} must be a QuantizedArray of shape {slot.shape} "
+            f"(signed={batched.signed}, block_size={batched.block_size}) as tx.init builds it, got {_describe(value)}"
         )
     return value
 
 
-def _checked_plain(layout: PackedLayout, index: int, value: Any, like: QuantizedBuffer) -> Any:
-    slot = layout.slots[index]
-    if isinstance(value, quantize_lib.QuantizedArray) or tuple(jnp.shape(value)) != slot.shape:
+def _checked_plain(slot: LeafSlot, value: Any, rest: Any) -> Any:
+    # No silent cast: an unquantized moment is in the dtype tx.init gives it (at least float32).
+    found = None if isinstance(value, quantize_lib.QuantizedArray) else (tuple(jnp.shape(value)), jnp.dtype(value.dtype))
+    if found != (slot.shape, jnp.dtype(rest.dtype)):
         raise ValueError(
-            f"pack_state: the moment of params{slot.path} must be an unquantized array of shape {slot.shape} "
-            f"(under the policy's min_size) as tx.init builds it, got {value!r}"
+            f"the moment of params{slot.path} must be an unquantized {jnp.dtype(rest.dtype).name} array "
+            f"of shape {slot.shape} (under the policy's min_size) as tx.init builds it, got {_describe(value)}"
         )
-    return jnp.asarray(value, like.rest.dtype)
+    return value
 
 
-def _run_of(layout: PackedLayout, index: int) -> int:
-    return next(r for r, run in enumerate(layout.runs) if index in run.leaf_indices)
+def _describe(value: Any) -> str:
+    if isinstance(value, quantize_lib.QuantizedArray):
+        return repr(value)
+    return f"{type(value).__name__} of shape {tuple(jnp.shape(value))} and dtype {jnp.result_type(value).name}"

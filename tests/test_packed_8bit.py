@@ -135,8 +135,7 @@ def test_packed_init_is_the_per_array_state_in_the_same_bytes(name):
     _assert_identical(gradtx.unpack_state(packed_state), state)
     assert gradtx.state_bytes(packed_state) == gradtx.state_bytes(state)
     buffers = [b for b in jax.tree.leaves(packed_state, is_leaf=_is_buffer) if _is_buffer(b)]
-    if name != "adafactor" or buffers:  # Adafactor's momentum is the element-wise moment here
-        assert buffers and all(q.codes.dtype == jnp.uint8 for b in buffers for q in b.runs)
+    assert buffers and all(q.codes.dtype == jnp.uint8 for b in buffers for q in b.runs)
 
 
 @pytest.mark.parametrize("name", ["adamw", "novograd", "adafactor"])
@@ -288,3 +287,19 @@ def test_a_per_array_checkpoint_restores_into_a_packed_run(batch):
     _assert_close(nnx.state(restored_model, nnx.Param), nnx.state(model, nnx.Param))
     packed_step.sync()
     _assert_identical(nnx.as_pure(nnx.state(restored_optimizer.opt_state)), nnx.as_pure(nnx.state(optimizer.opt_state)))
+
+
+def test_pack_state_names_the_array_whose_moment_does_not_fit():
+    params = _tree(jax.random.key(6))
+    layout = gradtx.packed_layout(params)
+    tx = OPTIMIZERS["adamw"]()
+    unquantized = gradtx.adamw(1e-2, weight_decay=0.1, state_dtype=gradtx.Quantized8bit(min_size=10**6)).init(params)
+    with pytest.raises(ValueError, match=r"pack_state: .* params\['half'\] must be a QuantizedArray of shape \(40, 64\)"):
+        gradtx.pack_state(tx, unquantized, layout)
+
+    def narrowed(x):  # the unquantized moments in bfloat16, the 8-bit ones kept
+        return x.astype(jnp.bfloat16) if not isinstance(x, gradtx.QuantizedArray) and x.ndim else x
+
+    narrow = jax.tree.map(narrowed, tx.init(params), is_leaf=lambda x: isinstance(x, gradtx.QuantizedArray))
+    with pytest.raises(ValueError, match=r"params\['bias'\] must be an unquantized float32 array of shape \(7,\)"):
+        gradtx.pack_state(tx, narrow, layout)
