@@ -301,7 +301,13 @@ def _run_view(x: Any, layout: PackedLayout, run_index: int) -> Any:
     if is_packed(x):
         if x.layout != layout:
             raise ValueError("map_arrays: Packed arguments have different layouts (were they packed from different trees?)")
-        flat = jax.lax.slice_in_dim(x.buffers[run.buffer], run.offset, run.offset + run.count * run.size)
+        buffer = x.buffers[run.buffer]
+        if isinstance(buffer, QuantizedBuffer):
+            raise TypeError(
+                "map_arrays: an 8-bit packed moment (QuantizedBuffer) has no per-array view; map over its float32 "
+                "value (gradtx.tree.load over the moment, is_leaf=gradtx.tree.is_quantized) and store the result back"
+            )
+        flat = jax.lax.slice_in_dim(buffer, run.offset, run.offset + run.count * run.size)
         return flat.reshape((run.count, *run.shape))
     if isinstance(x, Stacked):
         return x.arrays[run_index]

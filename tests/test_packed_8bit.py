@@ -303,3 +303,13 @@ def test_pack_state_names_the_array_whose_moment_does_not_fit():
     narrow = jax.tree.map(narrowed, tx.init(params), is_leaf=lambda x: isinstance(x, gradtx.QuantizedArray))
     with pytest.raises(ValueError, match=r"params\['bias'\] must be an unquantized float32 array of shape \(7,\)"):
         gradtx.pack_state(tx, narrow, layout)
+
+
+def test_map_arrays_refuses_an_8bit_packed_moment_with_a_way_out():
+    packed = gradtx.pack(_tree(jax.random.key(7)))
+    moment = OPTIMIZERS["adamw"]().init(packed)[0].mu
+    with pytest.raises(TypeError, match=r"map_arrays: an 8-bit packed moment .*gradtx\.tree\.load"):
+        gradtx.map_arrays(lambda p, m: p + m, packed, moment)
+    loaded = jax.tree.map(gradtx.tree.load, moment, is_leaf=gradtx.tree.is_quantized)
+    total = gradtx.map_arrays(lambda p, m: (p + m).astype(p.dtype), packed, loaded)  # the moment is zero
+    _assert_identical(gradtx.unpack(total), gradtx.unpack(packed))
