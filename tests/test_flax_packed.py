@@ -149,3 +149,31 @@ def test_unpack_at_offsets_equals_static_unpack():
         assert at_offsets[key].dtype == static[key].dtype == tree[key].dtype
         np.testing.assert_array_equal(at_offsets[key], static[key])
         np.testing.assert_array_equal(at_offsets[key], tree[key])
+
+
+def test_gradients_are_written_into_carried_buffers_not_temporaries():
+    # A tower whose parameters dwarf its activations: were the per-array gradients
+    # temporaries, they would all be alive at the concatenate (XLA:CPU allocates temporaries
+    # at every call, and maps large ones anew: page faults at every step).
+    class Wide(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(64, 64, rngs=rngs) for _ in range(8)])
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = jnp.tanh(layer(x))
+            return x
+
+    model = Wide(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gradtx.adamw(1e-3), wrt=nnx.Param)
+    step = make_train_step(lambda m, x: jnp.mean(m(x) ** 2), packed=True)
+    x = jnp.ones((2, 64))
+    memory = step.compile(model, optimizer, x).memory_analysis()
+    param_bytes = 4 * sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert memory.temp_size_in_bytes < param_bytes / 4
+    per_array, packed = step._grads
+    before = [np.asarray(g) for g in per_array]
+    step(model, optimizer, x)
+    per_array, packed = step._grads
+    np.testing.assert_array_equal(gradtx.unpack(packed)["layers"][0]["kernel"], per_array[1])  # bias, kernel order
+    assert any(not np.array_equal(a, b) for a, b in zip(before, per_array))  # this step's gradients
