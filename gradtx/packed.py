@@ -14,7 +14,9 @@ reduces per array (trust ratios, NovoGrad's layer norm, block RMS, centralizatio
 second moments) lifts its per-array function with :func:`map_arrays`, which ``vmap``\\ s it over
 each run seen as a ``(count, *shape)`` array: one kernel per distinct shape instead of one per
 array, and the same per-array numbers. Per-array state that is not shaped like its parameter
-(a scalar norm, a row of factored moments) is kept per run in a :class:`Stacked` node.
+(a scalar norm, a row of factored moments) is kept per run in a :class:`Stacked` node. An 8-bit
+moment (``gradtx.Quantized8bit``) is a :class:`QuantizedBuffer` per buffer: the per-array
+``QuantizedArray``\\ s stacked per run, so no block straddles two arrays.
 """
 
 from __future__ import annotations
