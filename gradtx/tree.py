@@ -126,7 +126,7 @@ def moment_full_like(params: Any, value: float, storage: Any = None, *, signed: 
     def per_leaf(x):
         if isinstance(x, _packed().Packed):  # per-array blocks: never one block across two arrays
             return _packed().quantized_moment_full(x, value, storage, signed=signed)
-        array = _unboxed(x)
+        array = unboxed(x)
         if not storage.applies_to(array):
             zeros = zeros_like(x, jnp.promote_types(array.dtype, jnp.float32))
             return zeros if value == 0 else jax.tree.map(lambda z: z + value, zeros)
@@ -138,7 +138,7 @@ def moment_full_like(params: Any, value: float, storage: Any = None, *, signed: 
         box = type(x)
         return _quantize.QuantizedArray(box(full.codes), box(full.scales), full.shape, full.signed, full.block_size)
 
-    return jax.tree.map(per_leaf, params, is_leaf=lambda x: _is_box(x) or isinstance(x, _packed().Packed))
+    return jax.tree.map(per_leaf, params, is_leaf=lambda x: is_box(x) or isinstance(x, _packed().Packed))
 
 
 def _packed():
@@ -148,13 +148,14 @@ def _packed():
     return packed
 
 
-def _is_box(x: Any) -> bool:
-    # Duck-typed Flax NNX Variable: gradtx does not import Flax.
+def is_box(x: Any) -> bool:
+    """Whether ``x`` is a boxed array (a Flax NNX ``Variable``, duck-typed: gradtx does not import Flax)."""
     return hasattr(x, "get_raw_value") and hasattr(x, "get_metadata")
 
 
-def _unboxed(x: Any) -> Any:
-    return x.get_raw_value() if _is_box(x) else x
+def unboxed(x: Any) -> Any:
+    """The array inside a box (see :func:`is_box`), or ``x`` itself."""
+    return x.get_raw_value() if is_box(x) else x
 
 
 def is_quantized(x: Any) -> bool:

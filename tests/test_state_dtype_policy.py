@@ -385,3 +385,22 @@ def test_sophia_gnb_alias_takes_the_policy_too():
     # The Gauss-Newton-Bartlett estimate is non-negative: refreshed twice, h is positive somewhere.
     assert float(jnp.max(gradtx.dequantize_blockwise(sophia.hessian["w"]))) > 0
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_adafactor_8bit_moments_train_through_flax_nnx(factored):
+    # Unfactored 8-bit second moments are created from the boxed parameter, so their codes and
+    # scales are boxed apart (one array per nnx Variable, which nnx.Optimizer and the helper need).
+    nnx = pytest.importorskip("flax.nnx")
+    from gradtx.contrib.flax import make_train_step
+
+    model = nnx.Linear(128, 128, rngs=nnx.Rngs(0))
+    tx = gradtx.adafactor(1e-2, factored=factored, momentum=0.9, state_dtype=gradtx.Quantized8bit(min_size=16))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    assert any(
+        gradtx.tree.is_quantized(x) for x in jax.tree.leaves(nnx.as_pure(optimizer.opt_state), is_leaf=gradtx.tree.is_quantized)
+    )
+    step = make_train_step(lambda m, x: jnp.mean(m(x) ** 2))
+    x = jnp.linspace(-1.0, 1.0, 4 * 128).reshape(4, 128)
+    losses = [float(step(model, optimizer, x)) for _ in range(5)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -183,10 +183,12 @@ def _second_moments(shapes: Any, params: Any, storage: Any) -> Any:
         return tree.zeros_like_derived(shapes, params, storage)
     if jax.tree.structure(shapes) == jax.tree.structure(params):
         # Per-array: a full-shape moment is created from its parameter, so it is placed like it (sharded models).
+        # A boxed parameter (Flax NNX Variable) is passed whole, so codes and scales are boxed apart.
         def per_leaf(shape, p):
-            return tree.moment_zeros_like(p if tuple(p.shape) == tuple(shape.shape) else shape, storage, signed=False)
+            same = tuple(jnp.shape(tree.unboxed(p))) == tuple(shape.shape)
+            return tree.moment_zeros_like(p if same else shape, storage, signed=False)
 
-        return jax.tree.map(per_leaf, shapes, params)
+        return jax.tree.map(per_leaf, shapes, params, is_leaf=tree.is_box)
 
     def per_node(node):
         if not isinstance(node, packed.Stacked):

@@ -121,8 +121,8 @@ def scale_by_novograd(
             return m.astype(g.dtype), m, v.astype(v_prev.dtype)
 
         # The layer norm stays per array on packed updates: nu is then Stacked, one array per run.
-        # m is loaded (dequantized) and stored outside the per-array map: a packed 8-bit buffer
-        # is quantized as a whole, its blocks not aligned with the arrays.
+        # m is loaded (dequantized) and stored outside the per-array map: a packed 8-bit moment
+        # (a QuantizedBuffer of per-run codes and scales) has no per-array view to map over.
         kinds = ("packed", "packed", "stacked")
         mu_wide = jax.tree.map(tree.load, state.mu, is_leaf=tree.is_quantized)
         updates, mu, nu = packed.map_arrays(per_leaf, updates, mu_wide, state.nu, params, n_out=3, kinds=kinds, owner=owner)
