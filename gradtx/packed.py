@@ -533,9 +533,25 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, (Packed, Stacked))
 
 
+def _stacked(trees: Sequence[Any]) -> Any:
+    # Equal-structure trees (arrays, QuantizedArrays) stacked leaf by leaf along a new first axis.
+    return jax.tree.map(lambda *values: jnp.stack(values), *trees)
+
+
+def _entry(tree: Any, position: int) -> Any:
+    # The inverse of _stacked: entry ``position`` of every leaf.
+    return jax.tree.map(lambda x: x[position], tree)
+
+
+def _joined(pieces: list, dtype) -> jax.Array:
+    # 1-D pieces end to end (none: an empty array of ``dtype``).
+    if not pieces:
+        return jnp.zeros([0], dtype)
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+
 def _stack_runs(per_leaf: list, layout: PackedLayout) -> Stacked:
-    stack = functools.partial(jax.tree.map, lambda *values: jnp.stack(values))
-    return Stacked([stack(*[per_leaf[i] for i in run.leaf_indices]) for run in layout.runs], layout)
+    return Stacked([_stacked([per_leaf[i] for i in run.leaf_indices]) for run in layout.runs], layout)
 
 
 def _unstack_runs(stacked: Stacked) -> Any:
@@ -543,7 +559,7 @@ def _unstack_runs(stacked: Stacked) -> Any:
     per_leaf: list = [None] * layout.num_arrays
     for run, values in zip(layout.runs, stacked.arrays):
         for position, index in enumerate(run.leaf_indices):
-            per_leaf[index] = jax.tree.map(lambda x, position=position: x[position], values)
+            per_leaf[index] = _entry(values, position)
     return jax.tree.unflatten(layout.treedef, per_leaf)
 
 
@@ -723,9 +739,7 @@ class QuantizedBuffer:
             else:
                 values = _map_run(quantize_lib.dequantize_blockwise, [self.runs[segment[2]]])
                 pieces.append(values.reshape(-1).astype(self.rest.dtype))
-        if not pieces:
-            return self.rest
-        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+        return _joined(pieces, self.rest.dtype)
 
     def requantize(self, value: jax.Array) -> QuantizedBuffer:
         """``value`` (the whole buffer's moment, 1-D) stored like this moment: each run re-quantized on its own blocks."""
@@ -738,7 +752,7 @@ class QuantizedBuffer:
             view = jax.lax.slice_in_dim(value, run.offset, run.offset + run.count * run.size).reshape((run.count, *run.shape))
             encode = functools.partial(quantize_lib.quantize_blockwise, signed=old.signed, block_size=old.block_size)
             runs.append(_map_run(encode, [view]))
-        rest = rest[0] if len(rest) == 1 else jnp.concatenate(rest) if rest else jnp.zeros([0], self.rest.dtype)
+        rest = _joined(rest, self.rest.dtype)
         return QuantizedBuffer(rest.astype(self.rest.dtype), runs, self.layout, self.buffer, self.quantized)
 
     def per_array(self) -> dict:
@@ -747,7 +761,7 @@ class QuantizedBuffer:
         arrays = {}
         for r, q in zip(self.quantized, self.runs):
             for position, index in enumerate(self.layout.runs[r].leaf_indices):
-                arrays[index] = jax.tree.map(lambda x, i=position: x[i], q)
+                arrays[index] = _entry(q, position)
         for index, at in positions.items():
             slot = self.layout.slots[index]
             arrays[index] = jax.lax.slice_in_dim(self.rest, at, at + slot.size).reshape(slot.shape)
@@ -773,9 +787,9 @@ def _pack_quantized(template: Packed, per_leaf: list) -> Packed:
         runs = []
         for r, batched in zip(like.quantized, like.runs):
             arrays = [_checked_quantized(layout.slots[i], per_leaf[i], batched) for i in layout.runs[r].leaf_indices]
-            runs.append(jax.tree.map(lambda *x: jnp.stack(x), *arrays))
+            runs.append(_stacked(arrays))
         rest = [jnp.ravel(_checked_plain(layout.slots[i], per_leaf[i], like.rest)) for i in sorted(positions, key=positions.get)]
-        rest = jnp.concatenate(rest) if len(rest) > 1 else rest[0] if rest else jnp.zeros([0], like.rest.dtype)
+        rest = _joined(rest, like.rest.dtype)
         buffers.append(QuantizedBuffer(rest, runs, layout, like.buffer, like.quantized))
     return Packed(buffers, layout)
 

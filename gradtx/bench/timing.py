@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 
+from gradtx import compilation
+
 
 class JaxCase:
     """``carry = step(*carry, *constants)``, jit-compiled with the carry donated; compile time measured apart.
@@ -29,10 +31,8 @@ class JaxCase:
     def __init__(
         self, step: Callable, carry: tuple, constants: tuple = (), *, donate: bool = True, compiler_options: dict | None = None
     ):
-        from gradtx.compilation import compiler_options as recommended
-
         donated = tuple(range(len(carry))) if donate else ()
-        options = recommended() if compiler_options is None else compiler_options
+        options = compilation.compiler_options() if compiler_options is None else compiler_options
         start = time.perf_counter()
         self.executable = jax.jit(step, donate_argnums=donated, compiler_options=options).lower(*carry, *constants).compile()
         self.compile_s = time.perf_counter() - start
