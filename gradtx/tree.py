@@ -416,8 +416,7 @@ def _quantized_references(x: Any, block_size: int) -> tuple[Any, Any]:
 
 def _storage_shardings(sharding: Any, shape: tuple, block_size: int) -> tuple[Any, Any]:
     if isinstance(sharding, jax.sharding.NamedSharding):
-        specs = _quantize.storage_specs(sharding.spec, dict(sharding.mesh.shape), shape, block_size)
-        return tuple(jax.sharding.NamedSharding(sharding.mesh, spec) for spec in specs)
+        return _quantize.storage_shardings(sharding, shape, block_size)
     # Another kind of sharding: kept where it is whole on every device (one device), else left to JAX.
     kept = sharding if sharding is None or sharding.is_fully_replicated else None
     return (sharding if _quantize.storage_shapes(shape, block_size)[0] == shape else kept), kept

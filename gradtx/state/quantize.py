@@ -443,7 +443,12 @@ def _explicit_specs(x: Any, block_size: int) -> Any:
     sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else typed_sharding(x)
     if sharding is None or all(e is None for e in sharding.spec):
         return None
-    specs = storage_specs(sharding.spec, dict(sharding.mesh.shape), tuple(jnp.shape(x)), block_size)
+    return storage_shardings(sharding, tuple(jnp.shape(x)), block_size)
+
+
+def storage_shardings(sharding: Any, shape: tuple[int, ...], block_size: int) -> tuple[Any, Any]:
+    """The ``NamedSharding``\ s of ``codes`` and ``scales`` for an array of ``shape`` with ``NamedSharding`` ``sharding``."""
+    specs = storage_specs(sharding.spec, dict(sharding.mesh.shape), shape, block_size)
     return tuple(jax.sharding.NamedSharding(sharding.mesh, spec) for spec in specs)
 
 
