@@ -16,6 +16,7 @@ from jax.experimental.shard_alike import shard_alike
 
 from gradtx.base import ScalarOrSchedule
 from gradtx.state import quantize as _quantize
+from gradtx.state import recompute as _recompute
 
 INT32_MAX = jnp.iinfo(jnp.int32).max
 
@@ -168,6 +169,9 @@ def load(stored: Any) -> jax.Array:
     if isinstance(stored, _packed().QuantizedBuffer):
         return stored.dequantize()
     if is_quantized(stored):
+        phase = _recompute.current()
+        if phase is not None and phase.salt is not None and _recompute.takes_this_path(stored):
+            return _quantize.decode_salted(stored, phase.salt)
         return _quantize.dequantize_blockwise(stored)
     return at_least_float32(stored)
 
@@ -183,11 +187,26 @@ def store(value: jax.Array, like: Any) -> Any:
     """
     if isinstance(like, _packed().QuantizedBuffer):
         return like.requantize(value)
+    phase = _recompute.current()
+    if phase is not None and _recompute.takes_this_path(like):
+        return _stored_in_phase(phase, value, like)
     if is_quantized(like):
         new = _quantize.quantize_blockwise(value, signed=like.signed, block_size=like.block_size)
         codes, scales = (_placed_alike(old, x) for old, x in ((like.codes, new.codes), (like.scales, new.scales)))
         return _quantize.QuantizedArray(codes, scales, new.shape, new.signed, new.block_size)
     return value.astype(like.dtype)
+
+
+def _stored_in_phase(phase: Any, value: jax.Array, like: _quantize.QuantizedArray) -> Any:
+    # gradtx.state.recompute: record the block maxima, then encode with them two phases later.
+    if phase.name == "scales":
+        scales = _quantize.block_scales(value, signed=like.signed, block_size=like.block_size, fused=True)
+        phase.scales.append(_placed_alike(like.scales, scales))
+    if phase.name != "codes":
+        return _recompute.PENDING
+    scales = phase.next_scales()
+    codes = _quantize.encode_with_scales(value, scales, signed=like.signed, block_size=like.block_size)
+    return _quantize.QuantizedArray(_placed_alike(like.codes, codes), scales, like.shape, like.signed, like.block_size)
 
 
 def _placed_alike(reference: Any, x: jax.Array) -> jax.Array:

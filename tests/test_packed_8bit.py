@@ -77,14 +77,16 @@ def _assert_close(a, b):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=ATOL)
 
 
-# Bit for bit: the moments of these are a multiply-add of the gradient and the old moment. In the
-# others, XLA may compile an element-wise expression of the same inputs into other instructions
+# Bit for bit: SGD's momentum is a multiply-add of the gradient and the old moment. Lion's is too,
+# but the per-array 8-bit path computes it in three loops (gradtx.state.recompute: block maxima,
+# update, codes) and XLA may contract the multiply-add in one of them and not in the packed program,
+# so a block maximum may differ in its last float32 bit. In the others, XLA may compile an element-wise expression of the same inputs into other instructions
 # in the two programs (which product a fused multiply-add contracts, a division by a scalar
 # rewritten as a multiplication by its reciprocal) or reduce a run as one (count, *shape) array
 # (NovoGrad's layer norm, Adafactor's statistics before its momentum): the last float32 bit of a
 # value may differ, and an 8-bit code then by one step where that value lies on a rounding
 # boundary (for a bfloat16 array, whose updates are rounded to bfloat16, at more elements).
-BIT_EXACT = ("sgd", "lion")
+BIT_EXACT = ("sgd",)
 
 
 def _assert_equal_up_to_rounding(a, b):

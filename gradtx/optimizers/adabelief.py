@@ -11,6 +11,7 @@ from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
 from gradtx.optimizers.adam import _check_adam, _debiased_first_moment
+from gradtx.state import recompute
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -93,7 +94,7 @@ def scale_by_belief(
             u = m_hat / (jnp.sqrt(s_hat) + eps)
             return u.astype(g.dtype), tree.store(m, m_prev), tree.store(s, s_prev)
 
-        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(recompute.map_moments(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByBeliefState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state import recompute
 from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 
@@ -162,7 +163,7 @@ def scale_by_adabound(
             nu_max = tree.store(v_max, v_max_prev) if amsbound else v_max_prev
             return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev), nu_max
 
-        per_leaf_results = jax.tree.map(per_leaf, updates, state.mu, state.nu, state.nu_max)
+        per_leaf_results = recompute.map_moments(per_leaf, updates, state.mu, state.nu, state.nu_max)
         updates, mu, nu, nu_max = tree.unzip(per_leaf_results, updates, 4)
         return updates, ScaleByAdaBoundState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 

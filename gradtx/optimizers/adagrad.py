@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state import recompute
 from gradtx.state.quantize import check_storage
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -67,7 +68,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7, *, s
             inverse_root = jnp.where(sum_of_squares > 0, jax.lax.rsqrt(sum_of_squares + eps), 0.0)
             return (inverse_root * g_wide).astype(g.dtype), tree.store(sum_of_squares, sum_prev)
 
-        updates, sum_of_squares = tree.unzip(jax.tree.map(per_leaf, updates, state.sum_of_squares), updates, 2)
+        updates, sum_of_squares = tree.unzip(recompute.map_moments(per_leaf, updates, state.sum_of_squares), updates, 2)
         return updates, ScaleByRssState(sum_of_squares=sum_of_squares)
 
     return GradientTransformation(init, update)

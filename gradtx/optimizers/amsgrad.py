@@ -11,6 +11,7 @@ from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
 from gradtx.optimizers.adam import _check_adam
+from gradtx.state import recompute
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -99,7 +100,9 @@ def scale_by_amsgrad(
             u = m_hat / (jnp.sqrt(v_max + eps_root) + eps)
             return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev), tree.store(v_max, v_max_prev)
 
-        updates, mu, nu, nu_max = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu, state.nu_max), updates, 4)
+        updates, mu, nu, nu_max = tree.unzip(
+            recompute.map_moments(per_leaf, updates, state.mu, state.nu, state.nu_max), updates, 4
+        )
         return updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return GradientTransformation(init, update)

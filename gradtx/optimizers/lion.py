@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state import recompute
 from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
@@ -102,7 +103,7 @@ def scale_by_lion(
             m = (1 - b2) * g_wide + b2 * m_prev_wide
             return _squash(c, mode, smooth_beta).astype(g.dtype), tree.store(m, m_prev)
 
-        updates, mu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu), updates, 2)
+        updates, mu = tree.unzip(recompute.map_moments(per_leaf, updates, state.mu), updates, 2)
         return updates, ScaleByLionState(count=tree.safe_increment(state.count), mu=mu)
 
     return GradientTransformation(init, update)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from gradtx import _checks, tree
@@ -17,6 +16,7 @@ from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
 from gradtx.optimizers.adam import ScaleByAdamState, _check_adam
 from gradtx.optimizers.qhm import quasi_hyperbolic_average
+from gradtx.state import recompute
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
 
@@ -103,7 +103,7 @@ def scale_by_qhadam(
             denominator = jnp.sqrt(quasi_hyperbolic_average(tree.abs_sq(g_wide), tree.debias(v, b2, count), nu2)) + eps
             return (numerator / denominator).astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
-        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(recompute.map_moments(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

@@ -15,6 +15,7 @@ import jax
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state import recompute
 from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
@@ -100,7 +101,7 @@ def scale_by_qhm(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        updates, trace = tree.unzip(jax.tree.map(per_leaf, updates, state.trace), updates, 2)
+        updates, trace = tree.unzip(recompute.map_moments(per_leaf, updates, state.trace), updates, 2)
         return updates, ScaleByQHMState(trace=trace)
 
     return GradientTransformation(init, update)

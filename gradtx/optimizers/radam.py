@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
 from gradtx.optimizers.adam import ScaleByAdamState, _check_adam, _debiased_first_moment
+from gradtx.state import recompute
 from gradtx.transforms.scaling import scale_by_learning_rate
 
 
@@ -100,7 +100,7 @@ def scale_by_radam(
             u = jnp.where(rectify, r.astype(m_hat.dtype) * m_hat / (jnp.sqrt(v_hat + eps_root) + eps), m_hat)
             return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
-        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(recompute.map_moments(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

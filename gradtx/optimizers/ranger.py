@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
+from gradtx.state import recompute
 from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import centralize, scale_by_learning_rate
@@ -153,7 +154,7 @@ def scale_by_ranger_radam(
             u = step_size.astype(direction.real.dtype) * direction
             return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
-        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(recompute.map_moments(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByRangerRAdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule, identity
 from gradtx.combine import chain
+from gradtx.state import recompute
 from gradtx.state.quantize import check_storage
 from gradtx.transforms.momentum import trace
 from gradtx.transforms.scaling import scale_by_learning_rate
@@ -107,7 +108,7 @@ def scale_by_rms(
             v_hat = v / correction if bias_correction else v
             return (_inverse_rms(v_hat, eps, eps_in_sqrt) * g_wide).astype(g.dtype), tree.store(v, v_prev)
 
-        updates, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.nu), updates, 2)
+        updates, nu = tree.unzip(recompute.map_moments(per_leaf, updates, state.nu), updates, 2)
         return updates, ScaleByRmsState(count=count, nu=nu)
 
     return GradientTransformation(init, update)
@@ -170,7 +171,7 @@ def scale_by_stddev(
             u = _inverse_rms(v_hat - tree.abs_sq(m_hat), eps, eps_in_sqrt) * g_wide
             return u.astype(g.dtype), tree.store(m, m_prev), tree.store(v, v_prev)
 
-        updates, mu, nu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, state.nu), updates, 3)
+        updates, mu, nu = tree.unzip(recompute.map_moments(per_leaf, updates, state.mu, state.nu), updates, 3)
         return updates, ScaleByRStdDevState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from gradtx import _checks, packed, tree
 from gradtx.base import GradientTransformation, ScalarOrSchedule
 from gradtx.combine import chain
+from gradtx.state import recompute
 from gradtx.state.quantize import check_storage
 from gradtx.transforms.decay import add_decayed_weights
 from gradtx.transforms.scaling import scale_by_learning_rate
@@ -242,7 +243,7 @@ def scale_by_sophia(
             ratio = m / jnp.maximum(rho * tree.load(h), eps)
             return jnp.clip(ratio, -1, 1).astype(g.dtype), tree.store(m, m_prev)
 
-        updates, mu = tree.unzip(jax.tree.map(per_leaf, updates, state.mu, hessian), updates, 2)
+        updates, mu = tree.unzip(recompute.map_moments(per_leaf, updates, state.mu, hessian), updates, 2)
         new_state = ScaleBySophiaState(count=tree.safe_increment(state.count), mu=mu, hessian=hessian, key=key)
         return updates, new_state
 

@@ -276,13 +276,29 @@ def storage_shapes(shape: tuple[int, ...], block_size: int) -> tuple[tuple[int, 
     return (size,), (-(-size // block_size),)
 
 
-def _reduce_blocks(blocks: jax.Array, axes: tuple[int, ...], signed: bool) -> jax.Array:
-    # max and -min, not max(|x|): XLA CPU vectorizes plain max/min reductions, not max(abs).
-    largest = jnp.max(blocks, axis=axes)
-    return jnp.maximum(largest, -jnp.min(blocks, axis=axes)) if signed else jnp.maximum(largest, 0.0)
+def _reduce_blocks(blocks: jax.Array, axes: tuple[int, ...], signed: bool, fused: bool = False) -> jax.Array:
+    if not fused:
+        # max and -min, not max(|x|): XLA CPU vectorizes plain max/min reductions, not max(abs).
+        largest = jnp.max(blocks, axis=axes)
+        return jnp.maximum(largest, -jnp.min(blocks, axis=axes)) if signed else jnp.maximum(largest, 0.0)
+    # One variadic reduction of (max, min) (signed) or (max, max) (unsigned): XLA on CPU hands a
+    # single max reduction to a library call that needs its input written out (a float32
+    # temporary of the moment when the input is a freshly updated moment), while a variadic one
+    # is a loop with the element-wise producer fused in (and as fast). Partitioned across
+    # devices it all-gathers partial maxima where the plain form all-reduces them, so only the
+    # one-device recomputation path (gradtx.state.recompute) uses it.
+    low = jnp.array(-jnp.inf, blocks.dtype)
+    second = jnp.minimum if signed else jnp.maximum
+    largest, other = jax.lax.reduce(
+        (blocks, blocks),
+        (low, -low if signed else low),
+        lambda x, y: (jnp.maximum(x[0], y[0]), second(x[1], y[1])),
+        axes,
+    )
+    return jnp.maximum(largest, -other) if signed else jnp.maximum(jnp.maximum(largest, other), 0.0)
 
 
-def _block_absmax(values: jax.Array, block_size: int, signed: bool) -> jax.Array:
+def _block_absmax(values: jax.Array, block_size: int, signed: bool, fused: bool = False) -> jax.Array:
     """One float32 scale per block: the largest magnitude (signed) or the largest value, at least 0 (unsigned).
 
     ``values`` is the array (a block layout) or its flattening (the flat layout).
@@ -290,12 +306,12 @@ def _block_absmax(values: jax.Array, block_size: int, signed: bool) -> jax.Array
     k = block_dims(values.shape, block_size)
     if k:
         grouped = grouped_shape(values.shape, block_size)
-        return _reduce_blocks(values.reshape(grouped), tuple(range(len(grouped) - k, len(grouped))), signed)
+        return _reduce_blocks(values.reshape(grouped), tuple(range(len(grouped) - k, len(grouped))), signed, fused)
     size = values.shape[0]
     full = size - size % block_size
-    parts = [_reduce_blocks(values[:full].reshape(-1, block_size), (1,), signed)] if full else []
+    parts = [_reduce_blocks(values[:full].reshape(-1, block_size), (1,), signed, fused)] if full else []
     if full < size:
-        parts.append(_reduce_blocks(values[full:].reshape(1, -1), (1,), signed))
+        parts.append(_reduce_blocks(values[full:].reshape(1, -1), (1,), signed, fused))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
@@ -361,8 +377,27 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
 
 
 def _encode(x: jax.Array, *, signed: bool, block_size: int) -> tuple[jax.Array, jax.Array]:
-    values = x if storage_shapes(x.shape, block_size)[0] == x.shape else x.reshape(-1)
-    scales = _block_absmax(values, block_size, signed)
+    scales = block_scales(x, signed=signed, block_size=block_size)
+    return encode_with_scales(x, scales, signed=signed, block_size=block_size), scales
+
+
+def _layout_values(x: jax.Array, block_size: int) -> jax.Array:
+    # The array itself (block layout) or its flattening (flat layout).
+    return x if storage_shapes(x.shape, block_size)[0] == x.shape else x.reshape(-1)
+
+
+def block_scales(x: jax.Array, *, signed: bool, block_size: int, fused: bool = False) -> jax.Array:
+    """The scales :func:`quantize_blockwise` gives ``x`` (float32): each block's absmax (signed) or max, at least 0.
+
+    ``fused=True`` computes them with one variadic reduction that XLA on CPU fuses with the
+    computation of ``x`` (no float32 copy of ``x``); same numbers, for one device.
+    """
+    return _block_absmax(_layout_values(jnp.asarray(x, jnp.float32), block_size), block_size, signed, fused)
+
+
+def encode_with_scales(x: jax.Array, scales: jax.Array, *, signed: bool, block_size: int) -> jax.Array:
+    """The codes of ``x`` (uint8, shaped like the layout's codes) given its block ``scales``: nearest-code rounding of ``x / scale``."""
+    values = _layout_values(jnp.asarray(x, jnp.float32), block_size)
     inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0.0)
     normalized = values * _per_element(inverse, values.shape, block_size)
     rank = _magnitude_rank(jnp.abs(normalized) if signed else jnp.maximum(normalized, 0.0), signed)
@@ -371,7 +406,7 @@ def _encode(x: jax.Array, *, signed: bool, block_size: int) -> tuple[jax.Array, 
         codes = jnp.where(normalized < 0, SIGNED_ZERO - jnp.minimum(rank, SIGNED_ZERO), SIGNED_ZERO + rank)
     else:
         codes = rank
-    return codes.astype(jnp.uint8), scales
+    return codes.astype(jnp.uint8)
 
 
 def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
@@ -399,8 +434,17 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     return decode(q.codes, q.scales)
 
 
-def _decode(codes: jax.Array, scales: jax.Array, *, signed: bool, block_size: int, shape: tuple[int, ...]) -> jax.Array:
+def decode_salted(q: QuantizedArray, salt: Any) -> jax.Array:
+    """:func:`dequantize_blockwise` through a code table offset by ``salt``, a traced zero (``gradtx.state.recompute``)."""
+    return _decode(q.codes, q.scales, signed=q.signed, block_size=q.block_size, shape=q.shape, salt=salt)
+
+
+def _decode(
+    codes: jax.Array, scales: jax.Array, *, signed: bool, block_size: int, shape: tuple[int, ...], salt: Any = None
+) -> jax.Array:
     table = jnp.asarray(SIGNED_CODE if signed else UNSIGNED_CODE)
+    if salt is not None:  # a traced zero that keeps XLA from merging this decoding with another (gradtx.state.recompute)
+        table = table + salt
     values = table[codes.astype(jnp.int32)] * _per_element(scales, codes.shape, block_size)
     return values.reshape(shape)
 
@@ -447,7 +491,7 @@ def _explicit_specs(x: Any, block_size: int) -> Any:
 
 
 def storage_shardings(sharding: Any, shape: tuple[int, ...], block_size: int) -> tuple[Any, Any]:
-    """The ``NamedSharding``\ s of ``codes`` and ``scales`` for an array of ``shape`` with ``NamedSharding`` ``sharding``."""
+    """The ``NamedSharding`` objects of ``codes`` and ``scales`` for an array of ``shape`` with ``NamedSharding`` ``sharding``."""
     specs = storage_specs(sharding.spec, dict(sharding.mesh.shape), shape, block_size)
     return tuple(jax.sharding.NamedSharding(sharding.mesh, spec) for spec in specs)
 

@@ -13,6 +13,7 @@ import jax
 
 from gradtx import _checks, tree
 from gradtx.base import GradientTransformation
+from gradtx.state import recompute
 from gradtx.state.quantize import check_storage
 
 
@@ -73,7 +74,7 @@ def trace(decay: float, nesterov: bool = False, accumulator_dtype: Any = None) -
             u = g_wide + decay * m if nesterov else m
             return u.astype(g.dtype), tree.store(m, m_prev)
 
-        updates, momentum = tree.unzip(jax.tree.map(per_leaf, updates, state.trace), updates, 2)
+        updates, momentum = tree.unzip(recompute.map_moments(per_leaf, updates, state.trace), updates, 2)
         return updates, TraceState(trace=momentum)
 
     return GradientTransformation(init, update)
@@ -131,7 +132,7 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: Any = None) -> Gra
             u = m / correction if debias else m
             return u.astype(g.dtype), tree.store(m, m_prev)
 
-        updates, average = tree.unzip(jax.tree.map(per_leaf, updates, state.ema), updates, 2)
+        updates, average = tree.unzip(recompute.map_moments(per_leaf, updates, state.ema), updates, 2)
         return updates, EmaState(count=count, ema=average)
 
     return GradientTransformation(init, update)
