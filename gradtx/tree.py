@@ -166,13 +166,12 @@ def is_quantized(x: Any) -> bool:
 
 def load(stored: Any) -> jax.Array:
     """A stored moment as an array in at least float32 (dequantized if 8-bit)."""
+    phase = _recompute.current()
+    salt = phase.salt if phase is not None and _recompute.takes_this_path(stored) else None
     if isinstance(stored, _packed().QuantizedBuffer):
-        return stored.dequantize()
+        return stored.dequantize(salt)
     if is_quantized(stored):
-        phase = _recompute.current()
-        if phase is not None and phase.salt is not None and _recompute.takes_this_path(stored):
-            return _quantize.decode_salted(stored, phase.salt)
-        return _quantize.dequantize_blockwise(stored)
+        return _quantize.dequantize_blockwise(stored) if salt is None else _quantize.decode_salted(stored, salt)
     return at_least_float32(stored)
 
 
@@ -185,11 +184,11 @@ def store(value: jax.Array, like: Any) -> Any:
     of a flat layout or of blocks that span a sharded dimension would otherwise be placed
     anew by XLA, and the next step would recompile for the new placement).
     """
-    if isinstance(like, _packed().QuantizedBuffer):
-        return like.requantize(value)
     phase = _recompute.current()
     if phase is not None and _recompute.takes_this_path(like):
         return _stored_in_phase(phase, value, like)
+    if isinstance(like, _packed().QuantizedBuffer):
+        return like.requantize(value)
     if is_quantized(like):
         new = _quantize.quantize_blockwise(value, signed=like.signed, block_size=like.block_size)
         codes, scales = (_placed_alike(old, x) for old, x in ((like.codes, new.codes), (like.scales, new.scales)))
@@ -197,14 +196,20 @@ def store(value: jax.Array, like: Any) -> Any:
     return value.astype(like.dtype)
 
 
-def _stored_in_phase(phase: Any, value: jax.Array, like: _quantize.QuantizedArray) -> Any:
+def _stored_in_phase(phase: Any, value: jax.Array, like: Any) -> Any:
     # gradtx.state.recompute: record the block maxima, then encode with them two phases later.
+    buffer = isinstance(like, _packed().QuantizedBuffer)
     if phase.name == "scales":
-        scales = _quantize.block_scales(value, signed=like.signed, block_size=like.block_size, fused=True)
-        phase.scales.append(_placed_alike(like.scales, scales))
+        if buffer:
+            phase.scales.append(like.block_scales(value))
+        else:
+            scales = _quantize.block_scales(value, signed=like.signed, block_size=like.block_size, fused=True)
+            phase.scales.append(_placed_alike(like.scales, scales))
     if phase.name != "codes":
         return _recompute.PENDING
     scales = phase.next_scales()
+    if buffer:
+        return like.requantize(value, scales)
     codes = _quantize.encode_with_scales(value, scales, signed=like.signed, block_size=like.block_size)
     return _quantize.QuantizedArray(_placed_alike(like.codes, codes), scales, like.shape, like.signed, like.block_size)
 

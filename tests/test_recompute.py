@@ -46,10 +46,16 @@ def _temporaries(tx, params, grads):
     return compiled.lower(params, tx.init(params), grads).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["per_array", "packed"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_donated_8bit_step_holds_no_float32_copy_of_a_moment(name):
+def test_donated_8bit_step_holds_no_float32_copy_of_a_moment(name, packed):
     params, grads = _problem()
-    extra = _temporaries(OPTIMIZERS[name](), params, grads[0]) - _temporaries(FLOAT32[name](), params, grads[0])
+    if packed:  # four arrays in one packed buffer: one run of 8-bit blocks per moment
+        params = gradtx.pack(list(params.reshape(4, -1, 1024)))
+        grads = gradtx.pack(list(grads[0].reshape(4, -1, 1024)), params.layout)
+    else:
+        grads = grads[0]
+    extra = _temporaries(OPTIMIZERS[name](), params, grads) - _temporaries(FLOAT32[name](), params, grads)
     # The plain path wrote every new moment out in float32 (4 bytes per element each) on top of
     # what the float32 optimizer needs (LAMB: its update, for the trust ratio); what is left is
     # at most a copy of the 8-bit codes (1 byte per element per moment).

@@ -21,8 +21,8 @@ elimination cannot merge the phases back into one shared float32 temporary. Meas
 MiB, and faster. The numbers are those of the plain path up to float rounding of the
 recomputation (the encoded moments stay nearest-code roundings of the same values).
 
-Only traced 8-bit moments (under ``jit``) in a process with one device take this path; eager
-calls, packed buffers and every moment when JAX sees several devices take the plain one. On a
+Only traced 8-bit moments (under ``jit``, per array or packed) in a process with one device take
+this path; eager calls and every moment when JAX sees several devices take the plain one. On a
 mesh the phases would communicate differently from the plain path (the fused block maxima
 all-gather partial maxima where the plain ones all-reduce them, and the hidden zeros read one
 element of a sharded array), which has not been measured there yet.
@@ -83,8 +83,19 @@ def _running(phase: Phase):
 
 
 def takes_this_path(x: Any) -> bool:
-    """Whether ``x`` is an 8-bit moment stored by recomputation: a traced ``QuantizedArray``, with one device."""
-    return isinstance(x, _quantize.QuantizedArray) and isinstance(x.codes, jax.core.Tracer) and jax.device_count() == 1
+    """Whether ``x`` is an 8-bit moment stored by recomputation: traced, with one device.
+
+    A ``QuantizedArray``, or a packed buffer's ``QuantizedBuffer`` with at least one quantized run.
+    """
+    from gradtx.packed import QuantizedBuffer  # gradtx.packed imports gradtx.tree, which imports this module
+
+    if isinstance(x, QuantizedBuffer):
+        codes = [q.codes for q in x.runs]
+    elif isinstance(x, _quantize.QuantizedArray):
+        codes = [x.codes]
+    else:
+        return False
+    return bool(codes) and all(isinstance(c, jax.core.Tracer) for c in codes) and jax.device_count() == 1
 
 
 def _hidden_zero(x: jax.Array, index: int) -> jax.Array:
@@ -111,9 +122,10 @@ def _per_leaf(fn: Callable, *leaves: Any) -> Any:
         return fn(*leaves)
     # Zeros from two different elements of the first block maxima: distinct expressions, so the
     # phases' decodings are not merged. (Not from the update: reading it would write it out.)
-    with _running(Phase("values", salt=_hidden_zero(first.scales[0], 0))):
+    reference = jax.tree.leaves(first.scales)[0]  # a QuantizedBuffer records a tuple of scales
+    with _running(Phase("values", salt=_hidden_zero(reference, 0))):
         values = fn(*leaves)
-    with _running(Phase("codes", salt=_hidden_zero(first.scales[0], -1), scales=first.scales)):
+    with _running(Phase("codes", salt=_hidden_zero(reference, -1), scales=first.scales)):
         codes = fn(*leaves)
     return _merged(values, codes)
 
