@@ -731,7 +731,7 @@ class QuantizedBuffer:
 
     def dequantize(self, salt: Any = None) -> jax.Array:
         """The whole buffer's moment as one 1-D array in at least float32 (``salt``: see ``gradtx.state.recompute``)."""
-        decode = quantize_lib.dequantize_blockwise if salt is None else (lambda q: quantize_lib.decode_salted(q, salt))
+        decode = functools.partial(quantize_lib.QuantizedArray.dequantize, salt=salt)
         pieces = []
         for segment in _plan(self.layout, self.buffer, self.quantized)[0]:
             if segment[0] == "rest":

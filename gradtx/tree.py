@@ -166,12 +166,9 @@ def is_quantized(x: Any) -> bool:
 
 def load(stored: Any) -> jax.Array:
     """A stored moment as an array in at least float32 (dequantized if 8-bit)."""
-    phase = _recompute.current()
-    salt = phase.salt if phase is not None and _recompute.takes_this_path(stored) else None
-    if isinstance(stored, _packed().QuantizedBuffer):
-        return stored.dequantize(salt)
     if is_quantized(stored):
-        return _quantize.dequantize_blockwise(stored) if salt is None else _quantize.decode_salted(stored, salt)
+        phase = _recompute.current()
+        return stored.dequantize(phase.salt if phase is not None and _recompute.takes_this_path(stored) else None)
     return at_least_float32(stored)
 
 
@@ -179,45 +176,18 @@ def store(value: jax.Array, like: Any) -> Any:
     """``value`` stored the way ``like`` is (same dtype, or re-quantized with the same code and blocks).
 
     The state's structure and dtypes therefore never change across ``update``, nor, under
-    ``jit``, the placement of an 8-bit moment: its new codes and scales are put in one sharding
-    group with the old ones (element-wise results follow their inputs anyway; the block maxima
-    of a flat layout or of blocks that span a sharded dimension would otherwise be placed
-    anew by XLA, and the next step would recompile for the new placement).
+    ``jit``, the placement of an 8-bit moment (``QuantizedArray.requantize``). Inside
+    ``gradtx.state.recompute.map_moments`` an 8-bit moment is stored in phases: its block maxima
+    are recorded first and its codes computed with them two phases later.
     """
+    if not is_quantized(like):
+        return value.astype(like.dtype)
     phase = _recompute.current()
-    if phase is not None and _recompute.takes_this_path(like):
-        return _stored_in_phase(phase, value, like)
-    if isinstance(like, _packed().QuantizedBuffer):
+    if phase is None or not _recompute.takes_this_path(like):
         return like.requantize(value)
-    if is_quantized(like):
-        new = _quantize.quantize_blockwise(value, signed=like.signed, block_size=like.block_size)
-        codes, scales = (_placed_alike(old, x) for old, x in ((like.codes, new.codes), (like.scales, new.scales)))
-        return _quantize.QuantizedArray(codes, scales, new.shape, new.signed, new.block_size)
-    return value.astype(like.dtype)
-
-
-def _stored_in_phase(phase: Any, value: jax.Array, like: Any) -> Any:
-    # gradtx.state.recompute: record the block maxima, then encode with them two phases later.
-    buffer = isinstance(like, _packed().QuantizedBuffer)
     if phase.name == "scales":
-        if buffer:
-            phase.scales.append(like.block_scales(value))
-        else:
-            scales = _quantize.block_scales(value, signed=like.signed, block_size=like.block_size, fused=True)
-            phase.scales.append(_placed_alike(like.scales, scales))
-    if phase.name != "codes":
-        return _recompute.PENDING
-    scales = phase.next_scales()
-    if buffer:
-        return like.requantize(value, scales)
-    codes = _quantize.encode_with_scales(value, scales, signed=like.signed, block_size=like.block_size)
-    return _quantize.QuantizedArray(_placed_alike(like.codes, codes), scales, like.shape, like.signed, like.block_size)
-
-
-def _placed_alike(reference: Any, x: jax.Array) -> jax.Array:
-    if isinstance(x, jax.core.Tracer) and isinstance(reference, jax.core.Tracer) and reference.shape == x.shape:
-        return shard_alike(reference, x)[1]
-    return x
+        phase.scales.append(like.block_scales(value))
+    return like.requantize(value, phase.next_scales()) if phase.name == "codes" else _recompute.PENDING
 
 
 def ema_update(value: jax.Array, previous: jax.Array, decay) -> jax.Array:

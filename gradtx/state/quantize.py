@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.shard_alike import shard_alike
 
 from gradtx import _checks
 
@@ -208,6 +209,35 @@ class QuantizedArray:
     def dtype(self):
         """The dtype the array decodes to: float32."""
         return jnp.dtype(jnp.float32)
+
+    def dequantize(self, salt: Any = None) -> jax.Array:
+        """The float32 array this stands for (:func:`dequantize_blockwise`).
+
+        ``salt``, a traced zero, offsets the code table so that XLA keeps this decoding apart
+        from the others of the step (``gradtx.state.recompute``).
+        """
+        if salt is None:
+            return dequantize_blockwise(self)
+        return _decode(self.codes, self.scales, signed=self.signed, block_size=self.block_size, shape=self.shape, salt=salt)
+
+    def block_scales(self, value: jax.Array) -> jax.Array:
+        """The scales ``value`` gets with this array's code and blocks, computed fused with ``value``, placed like its scales."""
+        return placed_alike(self.scales, block_scales(value, signed=self.signed, block_size=self.block_size, fused=True))
+
+    def requantize(self, value: jax.Array, scales: jax.Array | None = None) -> QuantizedArray:
+        """``value`` quantized like this array (same code and blocks) and placed like it.
+
+        ``scales`` (from :meth:`block_scales`) are used instead of computing them again.
+        Under ``jit`` the new codes and scales are put in one sharding group with the old ones
+        (block maxima of a flat layout, or of blocks spanning a sharded dimension, would
+        otherwise be placed anew by XLA, and the next step would recompile).
+        """
+        if scales is None:
+            new = quantize_blockwise(value, signed=self.signed, block_size=self.block_size)
+            codes, scales = new.codes, placed_alike(self.scales, new.scales)
+        else:
+            codes = encode_with_scales(value, scales, signed=self.signed, block_size=self.block_size)
+        return QuantizedArray(placed_alike(self.codes, codes), scales, self.shape, self.signed, self.block_size)
 
     def tree_flatten(self):
         return (self.codes, self.scales), (self.shape, self.signed, self.block_size)
@@ -434,11 +464,6 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     return decode(q.codes, q.scales)
 
 
-def decode_salted(q: QuantizedArray, salt: Any) -> jax.Array:
-    """:func:`dequantize_blockwise` through a code table offset by ``salt``, a traced zero (``gradtx.state.recompute``)."""
-    return _decode(q.codes, q.scales, signed=q.signed, block_size=q.block_size, shape=q.shape, salt=salt)
-
-
 def _decode(
     codes: jax.Array, scales: jax.Array, *, signed: bool, block_size: int, shape: tuple[int, ...], salt: Any = None
 ) -> jax.Array:
@@ -447,6 +472,13 @@ def _decode(
         table = table + salt
     values = table[codes.astype(jnp.int32)] * _per_element(scales, codes.shape, block_size)
     return values.reshape(shape)
+
+
+def placed_alike(reference: Any, x: jax.Array) -> jax.Array:
+    """``x`` in one sharding group with ``reference`` under ``jit`` (same shape), else ``x`` unchanged."""
+    if isinstance(x, jax.core.Tracer) and isinstance(reference, jax.core.Tracer) and reference.shape == x.shape:
+        return shard_alike(reference, x)[1]
+    return x
 
 
 def storage_specs(spec: Any, axis_sizes: Any, shape: tuple[int, ...], block_size: int) -> tuple[Any, Any]:
