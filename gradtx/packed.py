@@ -723,7 +723,7 @@ class QuantizedBuffer:
         runs = []
         for r in quantized:
             run = layout.runs[r]
-            one = quantize_lib.full(run.shape, value, signed=signed, block_size=storage.block_size)
+            one = quantize_lib.full(run.shape, value, signed=signed, block_size=storage.block_size, code=storage.code)
             runs.append(jax.tree.map(lambda x, n=run.count: jnp.broadcast_to(x, (n, *x.shape)), one))
         rest_size = sum(s[2] - s[1] for s in _plan(layout, buffer, quantized)[0] if s[0] == "rest")
         rest = jnp.full((rest_size,), value, jnp.promote_types(dtype, jnp.float32))
@@ -771,12 +771,12 @@ class QuantizedBuffer:
         runs = []
         for k, (run, old, view) in enumerate(self._run_views(value)):
             if scales is None:
-                encode = functools.partial(quantize_lib.quantize_blockwise, signed=old.signed, block_size=old.block_size)
+                encode = functools.partial(quantize_lib.quantize_blockwise, **old.format)
                 runs.append(_map_run(encode, [view]))
                 continue
-            encode = functools.partial(quantize_lib.encode_with_scales, signed=old.signed, block_size=old.block_size)
+            encode = functools.partial(quantize_lib.encode_with_scales, **old.format)
             codes = jax.vmap(encode)(view, scales[k])
-            runs.append(quantize_lib.QuantizedArray(codes, scales[k], run.shape, old.signed, old.block_size))
+            runs.append(quantize_lib.QuantizedArray(codes, scales[k], run.shape, **old.format))
         rest = [
             jax.lax.slice_in_dim(value, segment[1], segment[2])
             for segment in _plan(self.layout, self.buffer, self.quantized)[0]
@@ -827,12 +827,12 @@ def _pack_quantized(template: Packed, per_leaf: list) -> Packed:
 def _checked_quantized(slot: LeafSlot, value: Any, batched: Any) -> Any:
     def signature(q, batch=()):
         arrays = tuple((tuple(x.shape[len(batch) :]), jnp.dtype(x.dtype)) for x in (q.codes, q.scales))
-        return (q.shape, q.signed, q.block_size, *arrays)
+        return (q.shape, q.signed, q.block_size, q.code, *arrays)
 
     if not isinstance(value, quantize_lib.QuantizedArray) or signature(value) != signature(batched, batch=(None,)):
         raise ValueError(
             f"the moment of params{slot.path} must be a QuantizedArray of shape {slot.shape} "
-            f"(signed={batched.signed}, block_size={batched.block_size}) as tx.init builds it, got {_describe(value)}"
+            f"(signed={batched.signed}, block_size={batched.block_size}, code={batched.code!r}) as tx.init builds it, got {_describe(value)}"
         )
     return value
 

@@ -131,13 +131,13 @@ def moment_full_like(params: Any, value: float, storage: Any = None, *, signed: 
         if not storage.applies_to(array):
             zeros = zeros_like(x, jnp.promote_types(array.dtype, jnp.float32))
             return zeros if value == 0 else jax.tree.map(lambda z: z + value, zeros)
-        full = placed_quantized_full(array, value, signed=signed, block_size=storage.block_size)
+        full = placed_quantized_full(array, value, signed=signed, block_size=storage.block_size, code=storage.code)
         if array is x:
             return full
         # A boxed parameter (a Flax NNX Variable): box codes and scales apart, so that every box
         # holds one array (nnx.Optimizer and nnx.jit expect a Variable to hold an array).
         box = type(x)
-        return _quantize.QuantizedArray(box(full.codes), box(full.scales), full.shape, full.signed, full.block_size)
+        return _quantize.QuantizedArray(box(full.codes), box(full.scales), full.shape, **full.format)
 
     return jax.tree.map(per_leaf, params, is_leaf=lambda x: is_box(x) or isinstance(x, _packed().Packed))
 
@@ -363,7 +363,7 @@ def _dropped_dim_struct(p: jax.ShapeDtypeStruct, dim: int) -> jax.ShapeDtypeStru
     return jax.ShapeDtypeStruct(shape, p.dtype, sharding=sharding)
 
 
-def placed_quantized_full(x: Any, value: float, *, signed: bool, block_size: int) -> _quantize.QuantizedArray:
+def placed_quantized_full(x: Any, value: float, *, signed: bool, block_size: int, code: str) -> _quantize.QuantizedArray:
     """An 8-bit moment for parameter ``x`` holding ``value >= 0``, its codes and scales placed like ``x``.
 
     In the block layouts (``gradtx.state.quantize.storage_shapes``) the codes have ``x``'s
@@ -385,9 +385,9 @@ def placed_quantized_full(x: Any, value: float, *, signed: bool, block_size: int
         sharding = getattr(x, "sharding", None) if getattr(x, "committed", True) else None
         x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     codes_reference, scales_reference = _quantized_references(x, block_size)
-    codes = placed_full(codes_reference, _quantize.fill_code(value, signed), jnp.uint8)
+    codes = placed_full(codes_reference, _quantize.fill_code(value, signed, code), jnp.uint8)
     scales = placed_full(scales_reference, value, jnp.float32)
-    return _quantize.QuantizedArray(codes, scales, tuple(x.shape), signed, block_size)
+    return _quantize.QuantizedArray(codes, scales, tuple(x.shape), signed, block_size, code)
 
 
 def _quantized_references(x: Any, block_size: int) -> tuple[Any, Any]:

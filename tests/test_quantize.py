@@ -1,9 +1,11 @@
 """The memory engine: block-wise 8-bit moments and the state dtype policy.
 
-* The dynamic code (bitsandbytes' ``create_dynamic_map``): its structure, and that the
-  closed-form encoder picks the nearest code (brute force over the 256 values).
+* The two codes, ``"power"`` (default) and ``"dynamic"`` (bitsandbytes' ``create_dynamic_map``):
+  their structure, and that each closed-form encoder picks the nearest code (brute force over
+  the 256 values).
 * Quantize/dequantize round trips stay within the code's bound for random, tiny, huge,
-  all-zero and mixed-sign blocks, any size; arrays below ``min_size`` stay float32.
+  all-zero and mixed-sign blocks, any size, with either code; arrays below ``min_size`` stay
+  float32.
 * 8-bit states keep their structure and dtypes across ``update`` and do not recompile.
 * 8-bit AdamW tracks float32 AdamW over 200 steps of the MLP problem.
 * bfloat16/float16 storage keeps arithmetic in float32.
@@ -51,8 +53,39 @@ def test_dynamic_code_structure(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_encoder_picks_the_nearest_code(signed):
-    table = Q.dynamic_code(signed)
+def test_power_code_structure(signed):
+    table = Q.power_code(signed)
+    assert table.shape == (256,) and table.dtype == np.float32
+    assert np.all(np.diff(table) > 0), "sorted, distinct"
+    steps = 127 if signed else 255
+    k = np.arange(256) - (127 if signed else 0)
+    np.testing.assert_allclose(table, np.sign(k) * (np.abs(k) / steps) ** (2 if signed else 4), rtol=1e-6)
+    # 0 and 1 are codes, at the same index as in the dynamic code for 0; -1 too (signed).
+    assert table[Q.SIGNED_ZERO if signed else Q.UNSIGNED_ZERO] == 0 and table[Q.top_code("power", signed)] == 1.0
+    assert np.flatnonzero(Q.dynamic_code(signed) == 0)[0] == np.flatnonzero(table == 0)[0]
+    if signed:
+        assert table[0] == -1.0 and table[255] > 1  # index 255 is never produced
+
+
+@pytest.mark.parametrize("code", Q.CODES)
+def test_decoding_is_the_code_table_times_the_scale(code):
+    # Every stored index decodes to its table value times the block's scale (both signed-nesses).
+    for signed in (True, False):
+        codes = jnp.arange(256, dtype=jnp.uint8)
+        q = gradtx.QuantizedArray(codes, jnp.array([3.0]), (256,), signed, 256, code)
+        # Up to the float32 rounding of decoding's few multiplications (the power code's square / fourth power).
+        np.testing.assert_allclose(np.asarray(gradtx.dequantize_blockwise(q)), 3.0 * Q.code_table(code, signed), rtol=6e-7)
+        # A block's absmax (the code value 1) decodes exactly.
+        top = jnp.full((256,), Q.top_code(code, signed), jnp.uint8)
+        scale = jnp.array([0.1234567], jnp.float32)
+        q = gradtx.QuantizedArray(top, scale, (256,), signed, 256, code)
+        np.testing.assert_array_equal(np.asarray(gradtx.dequantize_blockwise(q)), np.full(256, scale[0]))
+
+
+@pytest.mark.parametrize("code", Q.CODES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_encoder_picks_the_nearest_code(signed, code):
+    table = Q.code_table(code, signed)
     rng = np.random.default_rng(0)
     low = -1.0 if signed else 0.0
     values = np.concatenate(
@@ -63,23 +96,28 @@ def test_encoder_picks_the_nearest_code(signed):
             (table[1:] + table[:-1]) / 2,  # exact ties: either neighbour is nearest
         ]
     ).astype(np.float32)
+    values = values[np.abs(values) <= 1]  # the signed power code's unused index 255 is above 1
     # One block whose absmax is exactly 1, so that the normalized values are the values.
     x = np.concatenate([values, [1.0]]).astype(np.float32)
-    decoded = np.asarray(gradtx.dequantize_blockwise(gradtx.quantize_blockwise(jnp.asarray(x), signed=signed, block_size=x.size)))
-    error = np.abs(decoded[:-1].astype(np.float64) - values)
+    q = gradtx.quantize_blockwise(jnp.asarray(x), signed=signed, block_size=x.size, code=code)
+    # The chosen code's value (from the table, not decoded: decoding's own float32 rounding is
+    # checked by test_decoding_is_the_code_table_times_the_scale).
+    error = np.abs(table[np.asarray(q.codes)[:-1]].astype(np.float64) - values)
     best = _nearest_distance(table, values)
     # Two float32 ulps of slack: at an exact midpoint either neighbour is a nearest code.
     assert np.all(error <= best + 2 * np.spacing(np.abs(values).astype(np.float32)) + 1e-12)
 
 
-def _round_trip(x: np.ndarray, signed: bool, block_size: int = 256):
-    q = gradtx.quantize_blockwise(jnp.asarray(x), signed=signed, block_size=block_size)
+def _round_trip(x: np.ndarray, signed: bool, block_size: int = 256, code: str = Q.DEFAULT_CODE):
+    q = gradtx.quantize_blockwise(jnp.asarray(x), signed=signed, block_size=block_size, code=code)
     return q, np.asarray(gradtx.dequantize_blockwise(q))
 
 
-def _assert_within_code_bound(x: np.ndarray, decoded: np.ndarray, signed: bool, block_size: int = 256):
+def _assert_within_code_bound(
+    x: np.ndarray, decoded: np.ndarray, signed: bool, block_size: int = 256, code: str = Q.DEFAULT_CODE
+):
     """Each element's error is at most its nearest-code distance times its block's absmax (plus float rounding)."""
-    table = Q.dynamic_code(signed)
+    table = Q.code_table(code, signed)
     flat, out = x.reshape(-1).astype(np.float64), decoded.reshape(-1).astype(np.float64)
     for start in range(0, flat.size, block_size):
         block, got = flat[start : start + block_size], out[start : start + block_size]
@@ -102,20 +140,22 @@ BLOCKS = {
 }
 
 
+@pytest.mark.parametrize("code", Q.CODES)
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
 @pytest.mark.parametrize("size", [256, 4096, 1000, 4097, 3])
 @pytest.mark.parametrize("signed", [True, False])
-def test_round_trip_within_the_code_bound(kind, size, signed):
+def test_round_trip_within_the_code_bound(kind, size, signed, code):
     rng = np.random.default_rng(size)
     x = BLOCKS[kind](rng, size).astype(np.float32)
     if not signed:
         x = np.abs(x)
-    q, decoded = _round_trip(x, signed)
+    q, decoded = _round_trip(x, signed, code=code)
+    assert q.code == code
     assert q.codes.dtype == jnp.uint8 and q.codes.shape == (size,)
     assert q.scales.dtype == jnp.float32 and q.scales.shape == (-(-size // 256),)
     assert decoded.shape == x.shape and decoded.dtype == np.float32
-    _assert_within_code_bound(x, decoded, signed)
-    # Relative error of the block maxima: the top decade of the code is fine.
+    _assert_within_code_bound(x, decoded, signed, code=code)
+    # Relative error of the block maxima: the top of the code is fine.
     assert np.max(np.abs(decoded)) <= np.max(np.abs(x)) * (1 + 1e-6)
 
 
@@ -144,7 +184,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("shape", list(LAYOUTS), ids=str)
 def test_storage_shapes_follow_the_array_where_blocks_tile_its_trailing_dimensions(shape):
     assert Q.storage_shapes(shape, 256) == LAYOUTS[shape]
-    assert Q.full(shape, 0.0, signed=True, block_size=256).codes.shape == LAYOUTS[shape][0]
+    assert Q.full(shape, 0.0, signed=True, block_size=256, code=Q.DEFAULT_CODE).codes.shape == LAYOUTS[shape][0]
 
 
 @pytest.mark.parametrize("shape", [s for s in LAYOUTS if np.prod(s) < 10**6], ids=str)
@@ -165,25 +205,27 @@ def test_every_layout_stores_the_numbers_of_the_flat_layout(shape, signed):
     _assert_within_code_bound(x, np.asarray(gradtx.dequantize_blockwise(q)), signed)
 
 
+@pytest.mark.parametrize("code", Q.CODES)
 @pytest.mark.parametrize("shape", [(64, 128), (64, 1024), (3, 384), (1000,)], ids=str)
 @pytest.mark.parametrize("value", [0.0, 0.1])
 @pytest.mark.parametrize("signed", [True, False])
-def test_full_is_the_quantized_filled_array(shape, value, signed):
-    full = Q.full(shape, value, signed=signed, block_size=256)
-    quantized = gradtx.quantize_blockwise(jnp.full(shape, value, jnp.float32), signed=signed)
+def test_full_is_the_quantized_filled_array(shape, value, signed, code):
+    full = Q.full(shape, value, signed=signed, block_size=256, code=code)
+    quantized = gradtx.quantize_blockwise(jnp.full(shape, value, jnp.float32), signed=signed, code=code)
     for a, b in ((full.codes, quantized.codes), (full.scales, quantized.scales)):
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     placed = gradtx.tree.moment_full_like(
-        jax.ShapeDtypeStruct(shape, jnp.float32), value, gradtx.Quantized8bit(min_size=0), signed=signed
+        jax.ShapeDtypeStruct(shape, jnp.float32), value, gradtx.Quantized8bit(min_size=0, code=code), signed=signed
     )
     assert jax.tree.structure(placed) == jax.tree.structure(full)
     np.testing.assert_array_equal(np.asarray(gradtx.dequantize_blockwise(placed)), np.full(shape, value, np.float32))
 
 
-def test_unsigned_code_rounds_negative_values_to_zero():
+@pytest.mark.parametrize("code", Q.CODES)
+def test_unsigned_code_rounds_negative_values_to_zero(code):
     x = jnp.array([-1.0, 0.5, 2.0, -3.0])
-    decoded = gradtx.dequantize_blockwise(gradtx.quantize_blockwise(x, signed=False, block_size=4))
+    decoded = gradtx.dequantize_blockwise(gradtx.quantize_blockwise(x, signed=False, block_size=4, code=code))
     assert decoded[0] == 0 and decoded[3] == 0 and decoded[2] == 2.0
 
 
@@ -362,6 +404,10 @@ def test_quantized8bit_validates_its_arguments():
         gradtx.Quantized8bit(block_size=0)
     with pytest.raises(ValueError, match=r"Quantized8bit: min_size must be an int >= 0, got -1"):
         gradtx.Quantized8bit(min_size=-1)
+    with pytest.raises(ValueError, match=r"Quantized8bit: code must be one of \('power', 'dynamic'\), got 'linear'"):
+        gradtx.Quantized8bit(code="linear")
+    with pytest.raises(ValueError, match=r"quantize_blockwise: code must be one of \('power', 'dynamic'\), got 'lin'"):
+        gradtx.quantize_blockwise(jnp.ones(4), signed=True, code="lin")
     with pytest.raises(
         ValueError,
         match=r"adamw: state_dtype must be None or a floating dtype .*, got 'int8'; for 8-bit storage pass gradtx.Quantized8bit",

@@ -2,22 +2,33 @@
 
 An array is cut, in row-major order, into blocks of ``block_size`` (256) consecutive elements; each
 block keeps one float32 scale, its largest magnitude (absmax), and one byte per element: the
-index of the nearest value of a 256-entry *dynamic* code to ``x / absmax``. The code is the one
-of bitsandbytes' ``create_dynamic_map`` (re-derived here, not copied): 7 decades
-``[10^(d-7), 10^(d-6)]``, ``d = 0..6``, each cut into equal bins whose midpoints are the code
-values, with more bins in the upper decades, plus 0 and 1:
+index of the nearest value of a 256-entry code to ``x / absmax``. Two codes (``CODES``):
 
-* signed (first moments): ``2^d`` bins in decade ``d`` and their negatives (127 + 127), 0, 1;
-* unsigned (second moments): ``2^(d+1)`` bins in decade ``d`` (254), 0, 1.
+* ``"power"`` (the default): a uniform grid in a power of the value. First moments (signed):
+  ``sign(k) (k / 127)^2`` for ``k = -127..127``; second moments (unsigned): ``(k / 255)^4`` for
+  ``k = 0..255``. The relative step is ``2 / |k|`` (``4 / k``): 1.6% at the block's absmax,
+  16% at 1/100 of it (signed), 5% at 1/100 and 16% at 1/10,000 of it (unsigned); values down
+  to ``6e-5`` (``2.4e-10``) of the absmax stay non-zero. Encoding is one (two) square roots, a ``floor`` and one comparison
+  with the midpoint between the two neighbouring codes (exact nearest-code rounding); decoding
+  is arithmetic (a square), no table look-up.
+* ``"dynamic"``: the dynamic code of bitsandbytes' ``create_dynamic_map`` (re-derived here, not
+  copied): 7 decades ``[10^(d-7), 10^(d-6)]``, ``d = 0..6``, each cut into equal bins whose
+  midpoints are the code values, with more bins in the upper decades, plus 0 and 1 (signed:
+  ``2^d`` bins in decade ``d`` and their negatives, 0, 1; unsigned: ``2^(d+1)`` bins, 0, 1).
+  Finest near the absmax (1.4% / 0.7% of it in the top decade) but coarse in the lower decades
+  (up to 28% / 14% relative steps one decade down). Encoding is closed-form (7 threshold
+  comparisons and one ``floor``, exact nearest-code rounding); decoding is a table look-up.
 
-So relative precision is highest near the block's absmax (1.4% of absmax in the top decade for the
-signed code, 0.7% for the unsigned one) and values down to ``~3e-7 * absmax`` stay non-zero.
+Why ``"power"`` is the default (``benchmarks/code_accuracy.py``, ``benchmarks/RESULTS.md``): on
+the first and second moments of real training runs (the character-level LM and the digits MLP
+of ``benchmarks/memory_quality.py``) it gives a smaller error in the Adam direction
+``m / sqrt(v)`` than the dynamic code (the second moments of a block spread over many decades,
+where the dynamic code's lower decades are coarse, and it rounds more small second moments to
+zero), the same final losses as float32 moments, and a faster step: its decoding is arithmetic,
+so XLA writes the new codes in place of the old ones instead of copying them.
 
-Encoding is closed-form, not a search: the decade is found by comparing with the 7 decision
-thresholds between decades, the bin inside the decade by one ``floor`` (bins are uniform inside a
-decade, so the bin that contains ``x`` is the nearest code). The result is exact nearest-code
-rounding (up to float32 rounding at exact ties). Decoding is one table look-up and a multiply.
-Stored codes are indices into the sorted code table, as in bitsandbytes.
+Stored codes are indices into the ascending code table (:func:`code_table`), as in
+bitsandbytes: 0 has the same index (127 signed, 0 unsigned) in both codes.
 
 Layout (what makes 8-bit moments shardable): when blocks tile the trailing dimensions of the
 array (its last dimension is a multiple of ``block_size``, or divides it with whole groups of
@@ -70,9 +81,35 @@ def dynamic_code(signed: bool) -> np.ndarray:
 
 SIGNED_CODE = dynamic_code(signed=True)
 UNSIGNED_CODE = dynamic_code(signed=False)
-# Index of 0 in each table: a zero-initialised moment stores these codes.
+# Index of 0 in each table (the same in both codes): a zero-initialised moment stores these codes.
 SIGNED_ZERO = int(np.flatnonzero(SIGNED_CODE == 0)[0])
 UNSIGNED_ZERO = int(np.flatnonzero(UNSIGNED_CODE == 0)[0])
+
+CODES = ("power", "dynamic")
+DEFAULT_CODE = "power"
+# The power code's grid: k / 127 (signed, k = -127..127, stored as k + 127) or k / 255 (unsigned).
+_POWER_STEPS = {True: 127, False: 255}
+
+
+def power_code(signed: bool) -> np.ndarray:
+    """The 256 values of the power code, ascending, as float32: ``sign(k) (k/127)^2`` at index ``k + 127``, or ``(k/255)^4``.
+
+    The signed code's last index (255, ``k = 128``, above 1) is never produced by encoding.
+    """
+    if signed:
+        k = np.arange(256, dtype=np.float64) - SIGNED_ZERO
+        return (np.sign(k) * (k / _POWER_STEPS[True]) ** 2).astype(np.float32)
+    return ((np.arange(256, dtype=np.float64) / _POWER_STEPS[False]) ** 4).astype(np.float32)
+
+
+def code_table(code: str, signed: bool) -> np.ndarray:
+    """The 256 values, ascending (float32), that the stored indices of ``code`` (one of ``CODES``) stand for."""
+    return power_code(signed) if code == "power" else dynamic_code(signed)
+
+
+def top_code(code: str, signed: bool) -> int:
+    """The stored index of the code value 1 (a block's absmax)."""
+    return SIGNED_ZERO + _POWER_STEPS[True] if code == "power" and signed else 255
 
 
 def _encoder_constants(signed: bool) -> list[tuple[float, float, float, int]]:
@@ -120,6 +157,24 @@ def _magnitude_rank(a: jax.Array, signed: bool) -> jax.Array:
     return jnp.where(a >= jnp.float32(_SIGNED_ONE_THRESHOLD if signed else _UNSIGNED_ONE_THRESHOLD), one_rank, rank)
 
 
+def _power_index(a: jax.Array, signed: bool) -> jax.Array:
+    """The grid index ``k`` (float32) of the power-code value nearest to ``a`` in ``[0, 1]``.
+
+    ``k0 = floor(steps * a^(1/p))`` (``p = 2`` signed, 4 unsigned), then one step up when ``a`` is
+    past the midpoint between ``(k0/steps)^p`` and ``((k0+1)/steps)^p``: nearest-code rounding in
+    the values, not in their root (which would round small values up).
+    """
+    steps = _POWER_STEPS[signed]
+    root = jnp.sqrt(a) if signed else jnp.sqrt(jnp.sqrt(a))
+    k = jnp.floor(root * jnp.float32(steps))
+    if signed:  # midpoint (k^2 + (k+1)^2) / 2 = k^2 + k + 1/2
+        up = a * jnp.float32(steps**2) > k * k + k + 0.5
+    else:
+        k1 = k + 1
+        up = a * jnp.float32(2 * steps**4) > (k * k) * (k * k) + (k1 * k1) * (k1 * k1)
+    return jnp.minimum(k + up.astype(jnp.float32), jnp.float32(steps))
+
+
 @dataclasses.dataclass(frozen=True)
 class Quantized8bit:
     """The 8-bit block-quantized storage policy for optimizer moments; pass it as a state dtype.
@@ -128,7 +183,10 @@ class Quantized8bit:
     ``accumulator_dtype``, ``state_dtype``), ``gradtx.Quantized8bit()`` stores that moment in
     8 bits per element plus one float32 scale per block of ``block_size`` elements (first moments
     with the signed dynamic code, second moments with the unsigned one). Arithmetic stays in
-    float32: each step dequantizes, updates, and re-quantizes. Arrays with fewer than
+    float32: each step dequantizes, updates, and re-quantizes. The code is the ``"power"`` code
+    (square / fourth-power grid, the default) or bitsandbytes' ``"dynamic"`` map (module
+    docstring of ``gradtx.state.quantize``; the default was chosen by measured accuracy on real
+    moments and speed, ``benchmarks/RESULTS.md``). Arrays with fewer than
     ``min_size`` elements (biases, norms) and complex arrays are stored unquantized in at least
     float32: they are a negligible share of memory and the most sensitive to rounding. Where the
     blocks tile a parameter's trailing dimensions (its last dimension a multiple of
@@ -139,6 +197,9 @@ class Quantized8bit:
     Args:
         block_size: elements per block sharing one scale, a positive int (256 as in bitsandbytes).
         min_size: arrays with fewer elements stay in float32, a non-negative int (4096).
+        code: ``"power"`` (default) or ``"dynamic"``. The code is part of the state's structure:
+            a checkpoint restores into a state built with the code it was saved with (8-bit
+            states saved before ``"power"`` became the default hold ``"dynamic"`` codes).
 
     Example:
         >>> import jax.numpy as jnp, gradtx
@@ -153,12 +214,15 @@ class Quantized8bit:
 
     block_size: int = 256
     min_size: int = 4096
+    code: str = DEFAULT_CODE
 
     def __post_init__(self):
         for name, low in (("block_size", 1), ("min_size", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Quantized8bit: {name} must be an int >= {low}, got {value!r}")
+        if self.code not in CODES:
+            raise ValueError(f"Quantized8bit: code must be one of {CODES}, got {self.code!r}")
 
     def applies_to(self, leaf: Any) -> bool:
         """Whether a parameter leaf (array or ``ShapeDtypeStruct``) gets 8-bit storage under this policy."""
@@ -185,6 +249,7 @@ class QuantizedArray:
         shape: the shape of the array it stands for.
         signed: whether the signed (first-moment) or unsigned (second-moment) code is used.
         block_size: elements per block.
+        code: the code the indices refer to, one of ``CODES`` (``"power"``).
 
     Example:
         >>> import jax.numpy as jnp, gradtx
@@ -192,18 +257,19 @@ class QuantizedArray:
         >>> q.codes.dtype, q.scales.shape
         (dtype('uint8'), (2,))
         >>> gradtx.quantize_blockwise(jnp.ones((3, 1024)), signed=False)
-        QuantizedArray(shape=(3, 1024), unsigned, block_size=256, codes (3, 1024), scales (3, 4))
+        QuantizedArray(shape=(3, 1024), unsigned power code, block_size=256, codes (3, 1024), scales (3, 4))
 
     References:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
     """
 
-    def __init__(self, codes, scales, shape: tuple[int, ...], signed: bool, block_size: int):
+    def __init__(self, codes, scales, shape: tuple[int, ...], signed: bool, block_size: int, code: str = DEFAULT_CODE):
         self.codes = codes
         self.scales = scales
         self.shape = tuple(shape)
         self.signed = signed
         self.block_size = block_size
+        self.code = code
 
     @property
     def dtype(self):
@@ -218,7 +284,12 @@ class QuantizedArray:
         """
         if salt is None:
             return dequantize_blockwise(self)
-        return _decode(self.codes, self.scales, signed=self.signed, block_size=self.block_size, shape=self.shape, salt=salt)
+        return _decode(self.codes, self.scales, **self.format, shape=self.shape, salt=salt)
+
+    @property
+    def format(self) -> dict:
+        """``signed``, ``block_size`` and ``code``: the keyword arguments that quantize a value like this array."""
+        return {"signed": self.signed, "block_size": self.block_size, "code": self.code}
 
     def block_scales(self, value: jax.Array) -> jax.Array:
         """The scales ``value`` gets with this array's code and blocks, computed fused with ``value``, placed like its scales."""
@@ -233,14 +304,14 @@ class QuantizedArray:
         otherwise be placed anew by XLA, and the next step would recompile).
         """
         if scales is None:
-            new = quantize_blockwise(value, signed=self.signed, block_size=self.block_size)
+            new = quantize_blockwise(value, **self.format)
             codes, scales = new.codes, placed_alike(self.scales, new.scales)
         else:
-            codes = encode_with_scales(value, scales, signed=self.signed, block_size=self.block_size)
-        return QuantizedArray(placed_alike(self.codes, codes), scales, self.shape, self.signed, self.block_size)
+            codes = encode_with_scales(value, scales, **self.format)
+        return QuantizedArray(placed_alike(self.codes, codes), scales, self.shape, **self.format)
 
     def tree_flatten(self):
-        return (self.codes, self.scales), (self.shape, self.signed, self.block_size)
+        return (self.codes, self.scales), (self.shape, self.signed, self.block_size, self.code)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -249,7 +320,7 @@ class QuantizedArray:
     def __repr__(self):
         kind = "signed" if self.signed else "unsigned"
         codes, scales = (tuple(getattr(x, "shape", ())) for x in (self.codes, self.scales))
-        return f"QuantizedArray(shape={self.shape}, {kind}, block_size={self.block_size}, codes {codes}, scales {scales})"
+        return f"QuantizedArray(shape={self.shape}, {kind} {self.code} code, block_size={self.block_size}, codes {codes}, scales {scales})"
 
 
 # Layout. A block is always ``block_size`` consecutive elements in row-major order (so the
@@ -360,14 +431,14 @@ def _per_element(per_block: jax.Array, shape: tuple[int, ...], block_size: int) 
     return jnp.broadcast_to(per_block[:, None], (blocks, block_size)).reshape(blocks * block_size)[:size]
 
 
-def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> QuantizedArray:
+def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256, code: str = DEFAULT_CODE) -> QuantizedArray:
     r"""Quantize ``x`` to 8 bits per element with one float32 absmax scale per block of ``block_size``.
 
     .. math::
 
         s_b = \max_{i \in b} |x_i|, \qquad c_i = \arg\min_k |q_k - x_i / s_b|
 
-    with :math:`q` the signed or unsigned dynamic code (see the module docstring). With
+    with :math:`q` the signed or unsigned table of ``code`` (see the module docstring). With
     ``signed=False`` negative values are rounded to 0. A block is ``block_size`` consecutive
     elements in row-major order; the codes keep ``x``'s shape and the scales are shaped like
     its leading dimensions when blocks tile its trailing ones (:func:`storage_shapes`), so a
@@ -377,6 +448,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
         x: a real array of any shape (computed in float32).
         signed: use the signed code (first moments) or the unsigned one (second moments).
         block_size: elements per block, a positive int.
+        code: ``"power"`` (default) or ``"dynamic"`` (bitsandbytes' map).
 
     Returns:
         A :class:`QuantizedArray`.
@@ -394,8 +466,10 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
     References:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
     """
+    if code not in CODES:
+        raise ValueError(f"quantize_blockwise: code must be one of {CODES}, got {code!r}")
     shape = tuple(jnp.shape(x))
-    encode = functools.partial(_encode, signed=signed, block_size=block_size)
+    encode = functools.partial(_encode, signed=signed, block_size=block_size, code=code)
     specs = _explicit_specs(x, block_size)
     if specs is not None:
         # Sharding in types (Explicit axes): the blocked view's reshapes have no typed sharding
@@ -403,12 +477,12 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
         # results are typed with the layout's shardings.
         encode = jax.sharding.auto_axes(encode, out_sharding=specs)
     codes, scales = encode(jnp.asarray(x, jnp.float32))
-    return QuantizedArray(codes, scales, shape, signed, block_size)
+    return QuantizedArray(codes, scales, shape, signed, block_size, code)
 
 
-def _encode(x: jax.Array, *, signed: bool, block_size: int) -> tuple[jax.Array, jax.Array]:
+def _encode(x: jax.Array, *, signed: bool, block_size: int, code: str) -> tuple[jax.Array, jax.Array]:
     scales = block_scales(x, signed=signed, block_size=block_size)
-    return encode_with_scales(x, scales, signed=signed, block_size=block_size), scales
+    return encode_with_scales(x, scales, signed=signed, block_size=block_size, code=code), scales
 
 
 def _layout_values(x: jax.Array, block_size: int) -> jax.Array:
@@ -425,11 +499,15 @@ def block_scales(x: jax.Array, *, signed: bool, block_size: int, fused: bool = F
     return _block_absmax(_layout_values(jnp.asarray(x, jnp.float32), block_size), block_size, signed, fused)
 
 
-def encode_with_scales(x: jax.Array, scales: jax.Array, *, signed: bool, block_size: int) -> jax.Array:
+def encode_with_scales(x: jax.Array, scales: jax.Array, *, signed: bool, block_size: int, code: str) -> jax.Array:
     """The codes of ``x`` (uint8, shaped like the layout's codes) given its block ``scales``: nearest-code rounding of ``x / scale``."""
     values = _layout_values(jnp.asarray(x, jnp.float32), block_size)
     inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0.0)
     normalized = values * _per_element(inverse, values.shape, block_size)
+    if code == "power":
+        k = _power_index(jnp.abs(normalized) if signed else jnp.maximum(normalized, 0.0), signed)
+        index = jnp.float32(SIGNED_ZERO) + jnp.where(normalized < 0, -k, k) if signed else k
+        return index.astype(jnp.uint8)
     rank = _magnitude_rank(jnp.abs(normalized) if signed else jnp.maximum(normalized, 0.0), signed)
     if signed:
         # The table is [negatives descending..., 0, positives..., 1]: 0 sits at index 127 and -1 is absent.
@@ -440,7 +518,7 @@ def encode_with_scales(x: jax.Array, scales: jax.Array, *, signed: bool, block_s
 
 
 def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
-    r"""The float32 array a :class:`QuantizedArray` stands for: :math:`x_i = q_{c_i} s_b`.
+    r"""The float32 array a :class:`QuantizedArray` stands for: :math:`x_i = q_{c_i} s_b` (:math:`q` its code's table).
 
     Args:
         q: a :class:`QuantizedArray`.
@@ -452,12 +530,15 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
         >>> import jax.numpy as jnp, gradtx
         >>> q = gradtx.quantize_blockwise(jnp.array([4.0, 2.0]), signed=False, block_size=2)
         >>> [round(v, 4) for v in gradtx.dequantize_blockwise(q).tolist()]
+        [4.0, 2.0016]
+        >>> q = gradtx.quantize_blockwise(jnp.array([4.0, 2.0]), signed=False, block_size=2, code="dynamic")
+        >>> [round(v, 4) for v in gradtx.dequantize_blockwise(q).tolist()]
         [4.0, 1.9891]
 
     References:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
     """
-    decode = functools.partial(_decode, signed=q.signed, block_size=q.block_size, shape=q.shape)
+    decode = functools.partial(_decode, **q.format, shape=q.shape)
     specs = _explicit_specs(jax.ShapeDtypeStruct(q.shape, jnp.float32, sharding=typed_sharding(q.codes)), q.block_size)
     if specs is not None and q.codes.shape == q.shape:
         decode = jax.sharding.auto_axes(decode, out_sharding=specs[0])
@@ -465,13 +546,25 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
 
 
 def _decode(
-    codes: jax.Array, scales: jax.Array, *, signed: bool, block_size: int, shape: tuple[int, ...], salt: Any = None
+    codes: jax.Array, scales: jax.Array, *, signed: bool, block_size: int, code: str, shape: tuple[int, ...], salt: Any = None
 ) -> jax.Array:
-    table = jnp.asarray(SIGNED_CODE if signed else UNSIGNED_CODE)
-    if salt is not None:  # a traced zero that keeps XLA from merging this decoding with another (gradtx.state.recompute)
-        table = table + salt
-    values = table[codes.astype(jnp.int32)] * _per_element(scales, codes.shape, block_size)
-    return values.reshape(shape)
+    # ``salt``, a traced zero, keeps XLA from merging this decoding with another (gradtx.state.recompute).
+    if code == "power":
+        # Arithmetic, so that XLA can write the new codes over the old ones (it copies codes read by a gather).
+        k = codes.astype(jnp.float32) + (0.0 if salt is None else salt)
+        steps = _POWER_STEPS[signed]
+        if signed:
+            k = k - SIGNED_ZERO
+            normalized = k * jnp.abs(k) * jnp.float32(1 / steps**2)  # exactly 1 at k = 127
+        else:
+            k = k * jnp.float32(1 / steps)
+            normalized = (k * k) * (k * k)  # exactly 1 at 255
+    else:
+        table = jnp.asarray(SIGNED_CODE if signed else UNSIGNED_CODE)
+        if salt is not None:
+            table = table + salt
+        normalized = table[codes.astype(jnp.int32)]
+    return (normalized * _per_element(scales, codes.shape, block_size)).reshape(shape)
 
 
 def placed_alike(reference: Any, x: jax.Array) -> jax.Array:
@@ -528,20 +621,20 @@ def storage_shardings(sharding: Any, shape: tuple[int, ...], block_size: int) ->
     return tuple(jax.sharding.NamedSharding(sharding.mesh, spec) for spec in specs)
 
 
-def fill_code(value: float, signed: bool) -> int:
+def fill_code(value: float, signed: bool, code: str) -> int:
     """The code of every element of a block filled with ``value >= 0`` and scaled by ``value``: 1, or 0."""
-    return 255 if value > 0 else (SIGNED_ZERO if signed else UNSIGNED_ZERO)
+    return top_code(code, signed) if value > 0 else (SIGNED_ZERO if signed else UNSIGNED_ZERO)
 
 
-def full(shape: tuple[int, ...], value: float, *, signed: bool, block_size: int) -> QuantizedArray:
+def full(shape: tuple[int, ...], value: float, *, signed: bool, block_size: int, code: str) -> QuantizedArray:
     """A :class:`QuantizedArray` holding ``value >= 0`` everywhere, exactly: code 1 (or 0) times scale ``value``.
 
     Codes and scales have the shapes of :func:`storage_shapes`; they are unplaced constants
     (``gradtx.tree.moment_full_like`` places them like a parameter).
     """
     codes_shape, scales_shape = storage_shapes(shape, block_size)
-    codes = jnp.full(codes_shape, fill_code(value, signed), jnp.uint8)
-    return QuantizedArray(codes, jnp.full(scales_shape, value, jnp.float32), shape, signed, block_size)
+    codes = jnp.full(codes_shape, fill_code(value, signed, code), jnp.uint8)
+    return QuantizedArray(codes, jnp.full(scales_shape, value, jnp.float32), shape, signed, block_size, code)
 
 
 def check_storage(owner: str, name: str, value: Any) -> None:
