@@ -44,7 +44,7 @@ def state_shardings(tx: GradientTransformation, params: Any) -> Any:
     Example:
         >>> import jax, jax.numpy as jnp, gradtx
         >>> shardings = gradtx.state_shardings(gradtx.adam(1e-3), {"w": jnp.zeros((4, 2))})
-        >>> shardings.mu["w"].is_fully_replicated
+        >>> shardings[0].mu["w"].is_fully_replicated
         True
 
     References:
@@ -72,7 +72,7 @@ def abstract_state(tx: GradientTransformation, params: Any) -> Any:
     Example:
         >>> import jax, jax.numpy as jnp, gradtx
         >>> params = {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32)}
-        >>> gradtx.abstract_state(gradtx.adam(1e-3), params).mu["w"].shape
+        >>> gradtx.abstract_state(gradtx.adam(1e-3), params)[0].mu["w"].shape
         (4, 2)
 
     References:
