@@ -1,5 +1,6 @@
 """``gradtx.compiler_options``: what it returns, and that on CPU it removes the defensive copy of a
-donated moment without changing a single bit of the results.
+donated moment without changing a single bit of the results (nor does its vector width, 8-bit
+moments and reductions included).
 
 The copy is structural (visible in the compiled HLO and in ``memory_analysis``), so it is checked
 here; its cost in time is measured by ``gradtx bench`` (benchmarks/RESULTS.md), not by a unit test.
@@ -15,14 +16,15 @@ import pytest
 import gradtx
 
 OPTION = "xla_cpu_copy_insertion_use_region_analysis"
+CPU_OPTIONS = {OPTION: True, "xla_cpu_prefer_vector_width": 512}
 SIZE = 1 << 16
 
 requires_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is an XLA:CPU one")
 
 
 def test_options_per_backend():
-    assert gradtx.compiler_options("cpu") == {OPTION: True}
-    assert gradtx.compiler_options("CPU") == {OPTION: True}
+    assert gradtx.compiler_options("cpu") == CPU_OPTIONS
+    assert gradtx.compiler_options("CPU") == CPU_OPTIONS
     assert gradtx.compiler_options("gpu") == {}
     assert gradtx.compiler_options("tpu") == {}
     assert gradtx.compiler_options() == gradtx.compiler_options(jax.default_backend())
@@ -31,7 +33,7 @@ def test_options_per_backend():
 def test_options_are_a_fresh_dict_each_call():
     options = gradtx.compiler_options("cpu")
     options[OPTION] = False
-    assert gradtx.compiler_options("cpu") == {OPTION: True}
+    assert gradtx.compiler_options("cpu") == CPU_OPTIONS
 
 
 def test_bad_backend_names_the_function_and_argument():
@@ -69,6 +71,13 @@ CASES = {
     "adamw": lambda: gradtx.adamw(1e-3),
     "sgd momentum": lambda: gradtx.sgd(1e-2, momentum=0.9),
 }
+# Where the vector width could matter: compute-bound 8-bit loops, reductions (norms, RMS).
+WIDTH_CASES = {
+    "adamw 8-bit": lambda: gradtx.adamw(1e-3, state_dtype=gradtx.Quantized8bit()),
+    "lamb 8-bit": lambda: gradtx.lamb(1e-3, state_dtype=gradtx.Quantized8bit()),
+    "adafactor": lambda: gradtx.adafactor(1e-2),
+    "clipped adam": lambda: gradtx.chain(gradtx.clip_by_global_norm(1e-3), gradtx.adam(1e-3)),
+}
 
 
 @requires_cpu
@@ -85,6 +94,15 @@ def test_recommended_options_change_no_bit_of_the_results(name):
     with_options = _run(CASES[name](), gradtx.compiler_options())
     defaults = _run(CASES[name](), {})
     for a, b in zip(jax.tree.leaves(with_options), jax.tree.leaves(defaults)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@requires_cpu
+@pytest.mark.parametrize("name", sorted(WIDTH_CASES))
+def test_the_vector_width_changes_no_bit_of_the_results(name):
+    with_options = _run(WIDTH_CASES[name](), gradtx.compiler_options())
+    narrow = _run(WIDTH_CASES[name](), {OPTION: True})
+    for a, b in zip(jax.tree.leaves(with_options), jax.tree.leaves(narrow)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
