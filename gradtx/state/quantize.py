@@ -8,9 +8,9 @@ index of the nearest value of a 256-entry code to ``x / absmax``. Two codes (``C
   ``sign(k) (k / 127)^2`` for ``k = -127..127``; second moments (unsigned): ``(k / 255)^4`` for
   ``k = 0..255``. The relative step is ``2 / |k|`` (``4 / k``): 1.6% at the block's absmax,
   16% at 1/100 of it (signed), 5% at 1/100 and 16% at 1/10,000 of it (unsigned); values down
-  to ``6e-5`` (``2.4e-10``) of the absmax stay non-zero. Encoding is one (two) square roots, a ``floor`` and one comparison
-  with the midpoint between the two neighbouring codes (exact nearest-code rounding); decoding
-  is arithmetic (a square), no table look-up.
+  to ``6e-5`` (``2.4e-10``) of the absmax stay non-zero. Encoding is one (two) square roots, a
+  ``floor`` and one comparison with the midpoint between the two neighbouring codes (exact
+  nearest-code rounding); decoding is arithmetic (a square), no table look-up.
 * ``"dynamic"``: the dynamic code of bitsandbytes' ``create_dynamic_map`` (re-derived here, not
   copied): 7 decades ``[10^(d-7), 10^(d-6)]``, ``d = 0..6``, each cut into equal bins whose
   midpoints are the code values, with more bins in the upper decades, plus 0 and 1 (signed:
@@ -24,8 +24,13 @@ the first and second moments of real training runs (the character-level LM and t
 of ``benchmarks/memory_quality.py``) it gives a smaller error in the Adam direction
 ``m / sqrt(v)`` than the dynamic code (the second moments of a block spread over many decades,
 where the dynamic code's lower decades are coarse, and it rounds more small second moments to
-zero), the same final losses as float32 moments, and a faster step: its decoding is arithmetic,
-so XLA writes the new codes in place of the old ones instead of copying them.
+zero: the "zero-point problem" of second moments, Li et al., 2023), the same final losses as
+float32 moments, and a faster step: its decoding is arithmetic, so XLA writes the new codes in
+place of the old ones instead of copying them.
+
+References: Dettmers et al., 2022, 8-bit Optimizers via Block-wise Quantization,
+https://arxiv.org/abs/2110.02861; Li et al., 2023, Memory Efficient Optimizers with 4-bit
+States, https://arxiv.org/abs/2309.01507.
 
 Stored codes are indices into the ascending code table (:func:`code_table`), as in
 bitsandbytes: 0 has the same index (127 signed, 0 unsigned) in both codes.
@@ -182,7 +187,7 @@ class Quantized8bit:
     Anywhere gradtx accepts a moment's storage dtype (``mu_dtype``, ``nu_dtype``,
     ``accumulator_dtype``, ``state_dtype``), ``gradtx.Quantized8bit()`` stores that moment in
     8 bits per element plus one float32 scale per block of ``block_size`` elements (first moments
-    with the signed dynamic code, second moments with the unsigned one). Arithmetic stays in
+    with the signed code, second moments with the unsigned one). Arithmetic stays in
     float32: each step dequantizes, updates, and re-quantizes. The code is the ``"power"`` code
     (square / fourth-power grid, the default) or bitsandbytes' ``"dynamic"`` map (module
     docstring of ``gradtx.state.quantize``; the default was chosen by measured accuracy on real
