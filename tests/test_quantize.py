@@ -102,7 +102,8 @@ def test_encoder_picks_the_nearest_code(signed, code):
     q = gradtx.quantize_blockwise(jnp.asarray(x), signed=signed, block_size=x.size, code=code)
     # The chosen code's value (from the table, not decoded: decoding's own float32 rounding is
     # checked by test_decoding_is_the_code_table_times_the_scale).
-    error = np.abs(table[np.asarray(q.codes)[:-1]].astype(np.float64) - values)
+    codes = np.asarray(q.codes)[:-1].astype(np.int64)
+    error = np.abs(table[codes].astype(np.float64) - values)
     best = _nearest_distance(table, values)
     # Two float32 ulps of slack: at an exact midpoint either neighbour is a nearest code.
     assert np.all(error <= best + 2 * np.spacing(np.abs(values).astype(np.float32)) + 1e-12)
