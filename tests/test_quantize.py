@@ -428,6 +428,8 @@ def test_quantized8bit_validates_its_arguments():
         gradtx.Quantized8bit(code="linear")
     with pytest.raises(ValueError, match=r"quantize_blockwise: code must be one of \('power', 'dynamic'\), got 'lin'"):
         gradtx.quantize_blockwise(jnp.ones(4), signed=True, code="lin")
+    with pytest.raises(ValueError, match=r"QuantizedArray: code must be one of \('power', 'dynamic'\), got 'dyn'"):
+        gradtx.QuantizedArray(jnp.zeros(4, jnp.uint8), jnp.ones(1), (4,), True, 256, "dyn")
     with pytest.raises(
         ValueError,
         match=r"adamw: state_dtype must be None or a floating dtype .*, got 'int8'; for 8-bit storage pass gradtx.Quantized8bit",

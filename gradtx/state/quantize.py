@@ -271,6 +271,8 @@ class QuantizedArray:
     """
 
     def __init__(self, codes, scales, shape: tuple[int, ...], signed: bool, block_size: int, code: str = DEFAULT_CODE):
+        if code not in CODES:
+            raise ValueError(f"QuantizedArray: code must be one of {CODES}, got {code!r}")
         self.codes = codes
         self.scales = scales
         self.shape = tuple(shape)
