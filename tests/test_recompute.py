@@ -18,6 +18,11 @@ OPTIMIZERS = {
     "lamb": lambda: gradtx.lamb(1e-3, state_dtype=gradtx.Quantized8bit()),
 }
 
+DYNAMIC = {
+    "adamw": lambda: gradtx.adamw(1e-3, state_dtype=gradtx.Quantized8bit(code="dynamic")),
+    "lion": lambda: gradtx.lion(1e-4, state_dtype=gradtx.Quantized8bit(code="dynamic")),
+}
+
 FLOAT32 = {
     "adamw": lambda: gradtx.adamw(1e-3),
     "lion": lambda: gradtx.lion(1e-4),
@@ -72,10 +77,7 @@ def test_donated_8bit_step_holds_no_float32_copy_of_a_moment(name, packed):
 @pytest.mark.parametrize("name", ["adamw", "lion"])
 def test_the_dynamic_code_keeps_the_float32_copies_away_too(name):
     params, grads = _problem()
-    dynamic = {
-        "adamw": gradtx.adamw(1e-3, state_dtype=gradtx.Quantized8bit(code="dynamic")),
-        "lion": gradtx.lion(1e-4, state_dtype=gradtx.Quantized8bit(code="dynamic")),
-    }[name]
+    dynamic = DYNAMIC[name]()
     extra = _temporaries(dynamic, params, grads[0]) - _temporaries(FLOAT32[name](), params, grads[0])
     assert extra < 4 * SIZE, f"{extra / SIZE:.2f} bytes per parameter of temporaries beyond float32 states'"
 

@@ -96,6 +96,12 @@ DEFAULT_CODE = "power"
 _POWER_STEPS = {True: 127, False: 255}
 
 
+def check_code(owner: str, code: Any) -> None:
+    """Raise ``ValueError`` naming ``owner`` unless ``code`` is one of ``CODES``."""
+    if code not in CODES:
+        raise ValueError(f"{owner}: code must be one of {CODES}, got {code!r}")
+
+
 def power_code(signed: bool) -> np.ndarray:
     """The 256 values of the power code, ascending, as float32: ``sign(k) (k/127)^2`` at index ``k + 127``, or ``(k/255)^4``.
 
@@ -228,8 +234,7 @@ class Quantized8bit:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Quantized8bit: {name} must be an int >= {low}, got {value!r}")
-        if self.code not in CODES:
-            raise ValueError(f"Quantized8bit: code must be one of {CODES}, got {self.code!r}")
+        check_code("Quantized8bit", self.code)
 
     def applies_to(self, leaf: Any) -> bool:
         """Whether a parameter leaf (array or ``ShapeDtypeStruct``) gets 8-bit storage under this policy."""
@@ -271,8 +276,7 @@ class QuantizedArray:
     """
 
     def __init__(self, codes, scales, shape: tuple[int, ...], signed: bool, block_size: int, code: str = DEFAULT_CODE):
-        if code not in CODES:
-            raise ValueError(f"QuantizedArray: code must be one of {CODES}, got {code!r}")
+        check_code("QuantizedArray", code)
         self.codes = codes
         self.scales = scales
         self.shape = tuple(shape)
@@ -475,8 +479,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256, cod
     References:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
     """
-    if code not in CODES:
-        raise ValueError(f"quantize_blockwise: code must be one of {CODES}, got {code!r}")
+    check_code("quantize_blockwise", code)
     shape = tuple(jnp.shape(x))
     encode = functools.partial(_encode, signed=signed, block_size=block_size, code=code)
     specs = _explicit_specs(x, block_size)
@@ -513,11 +516,12 @@ def encode_with_scales(x: jax.Array, scales: jax.Array, *, signed: bool, block_s
     values = _layout_values(jnp.asarray(x, jnp.float32), block_size)
     inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0.0)
     normalized = values * _per_element(inverse, values.shape, block_size)
+    magnitude = jnp.abs(normalized) if signed else jnp.maximum(normalized, 0.0)
     if code == "power":
-        k = _power_index(jnp.abs(normalized) if signed else jnp.maximum(normalized, 0.0), signed)
+        k = _power_index(magnitude, signed)
         index = jnp.float32(SIGNED_ZERO) + jnp.where(normalized < 0, -k, k) if signed else k
         return index.astype(jnp.uint8)
-    rank = _magnitude_rank(jnp.abs(normalized) if signed else jnp.maximum(normalized, 0.0), signed)
+    rank = _magnitude_rank(magnitude, signed)
     if signed:
         # The table is [negatives descending..., 0, positives..., 1]: 0 sits at index 127 and -1 is absent.
         codes = jnp.where(normalized < 0, SIGNED_ZERO - jnp.minimum(rank, SIGNED_ZERO), SIGNED_ZERO + rank)
