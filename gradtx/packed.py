@@ -16,7 +16,8 @@ each run seen as a ``(count, *shape)`` array: one kernel per distinct shape inst
 array, and the same per-array numbers. Per-array state that is not shaped like its parameter
 (a scalar norm, a row of factored moments) is kept per run in a :class:`Stacked` node. An 8-bit
 moment (``gradtx.Quantized8bit``) is a :class:`QuantizedBuffer` per buffer: the per-array
-``QuantizedArray``\\ s stacked per run, so no block straddles two arrays.
+``QuantizedArray``\\ s of each run, joined end to end into one ``QuantizedArray`` where each array's
+blocks tile it, else stacked; no block straddles two arrays.
 """
 
 from __future__ import annotations
@@ -550,6 +551,30 @@ def _joined(pieces: list, dtype) -> jax.Array:
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
+def _joined_shape(run: Run, block_size: int) -> tuple | None:
+    """The shape an 8-bit run is stored in when joined (:class:`QuantizedBuffer`), or ``None`` (stacked).
+
+    A run of arrays in the block layout (codes shaped like the array) is stored as their
+    concatenation along the first axis, ``(count * shape[0], *shape[1:])``: that shape has the
+    same block layout, whose blocks are the per-array blocks in order.
+    """
+    if not quantize_lib.block_dims(run.shape, block_size):
+        return None
+    return (run.count * run.shape[0], *run.shape[1:])
+
+
+def _is_joined(q: Any, run: Run) -> bool:
+    # Whether the run's QuantizedArray ``q`` is joined (else stacked), from the run and the block size alone.
+    return _joined_shape(run, q.block_size) is not None
+
+
+def _joined_entry(q: Any, run: Run, position: int) -> Any:
+    """Array ``position`` of a joined run ``q``: its per-array ``QuantizedArray`` (codes and scales in their per-array shapes)."""
+    codes_shape, scales_shape = quantize_lib.storage_shapes(run.shape, q.block_size)
+    codes, scales = (x.reshape((run.count, -1))[position] for x in (q.codes, q.scales))
+    return quantize_lib.QuantizedArray(codes.reshape(codes_shape), scales.reshape(scales_shape), tuple(run.shape), **q.format)
+
+
 def _stack_runs(per_leaf: list, layout: PackedLayout) -> Stacked:
     return Stacked([_stacked([per_leaf[i] for i in run.leaf_indices]) for run in layout.runs], layout)
 
@@ -672,21 +697,28 @@ class QuantizedBuffer:
 
     Under ``gradtx.Quantized8bit`` a moment of a :class:`Packed` tree holds one
     ``QuantizedBuffer`` per buffer. Blocks never straddle two arrays: each run of equal-shape
-    arrays that the policy quantizes is one ``QuantizedArray`` batched along the run (codes
-    ``(count, *codes_shape)``, scales ``(count, *scales_shape)``, the array's shape as
-    metadata), i.e. exactly the per-array codes and scales; the arrays the policy leaves
-    unquantized (under ``min_size``) are one 1-D ``rest`` array in at least float32. Loading
-    gives the whole buffer in float32, so element-wise building blocks update it as one array;
-    storing re-quantizes each run with ``vmap``. The numbers and the bytes are those of the
-    per-array state, and :func:`pack_state` / :func:`unpack_state` convert exactly.
+    arrays that the policy quantizes holds exactly the per-array codes and scales, as one
+    ``QuantizedArray``:
+
+    - *joined* where the arrays have the block layout (codes shaped like the array,
+      :func:`gradtx.state.quantize.storage_shapes`: most weight matrices): the arrays
+      concatenated along their first axis, one ``QuantizedArray`` of shape
+      ``(count * shape[0], *shape[1:])`` whose blocks are the per-array blocks in order;
+    - otherwise *stacked*: batched along the run (codes ``(count, *codes_shape)``, scales
+      ``(count, *scales_shape)``, the array's shape as metadata), re-quantized with ``vmap``.
+
+    The arrays the policy leaves unquantized (under ``min_size``) are one 1-D ``rest`` array
+    in at least float32. Loading gives the whole buffer in float32, so element-wise building
+    blocks update it as one array. The numbers and the bytes are those of the per-array
+    state, and :func:`pack_state` / :func:`unpack_state` convert exactly.
 
     Example:
         >>> import jax.numpy as jnp, gradtx
-        >>> params = gradtx.pack({"w": jnp.zeros((64, 128)), "b": jnp.zeros(128)})
+        >>> params = gradtx.pack({"w": jnp.zeros((64, 128)), "b": jnp.zeros(128), "e": jnp.zeros((50, 100))})
         >>> tx = gradtx.adam(1e-3, state_dtype=gradtx.Quantized8bit())
         >>> mu = tx.init(params)[0].mu.buffers[0]
-        >>> mu.rest.shape, mu.runs[0].codes.shape, mu.runs[0].scales.shape
-        ((128,), (1, 64, 128), (1, 32))
+        >>> mu.rest.shape, [(q.codes.shape, q.scales.shape) for q in mu.runs]
+        ((128,), [((1, 5000), (1, 20)), ((64, 128), (32,))])
 
     References:
         Dettmers et al., 2022. 8-bit Optimizers via Block-wise Quantization, https://arxiv.org/abs/2110.02861
@@ -723,8 +755,14 @@ class QuantizedBuffer:
         runs = []
         for r in quantized:
             run = layout.runs[r]
-            one = quantize_lib.full(run.shape, value, signed=signed, block_size=storage.block_size, code=storage.code)
-            runs.append(jax.tree.map(lambda x, n=run.count: jnp.broadcast_to(x, (n, *x.shape)), one))
+            fill = functools.partial(
+                quantize_lib.full, value=value, signed=signed, block_size=storage.block_size, code=storage.code
+            )
+            joined = _joined_shape(run, storage.block_size)
+            if joined is not None:
+                runs.append(fill(joined))
+            else:
+                runs.append(jax.tree.map(lambda x, n=run.count: jnp.broadcast_to(x, (n, *x.shape)), fill(run.shape)))
         rest_size = sum(s[2] - s[1] for s in _plan(layout, buffer, quantized)[0] if s[0] == "rest")
         rest = jnp.full((rest_size,), value, jnp.promote_types(dtype, jnp.float32))
         return cls(rest, runs, layout, buffer, quantized)
@@ -741,26 +779,30 @@ class QuantizedBuffer:
                 # The recomputation (salt given) vmaps also over a run of one array: XLA:CPU then
                 # vectorizes its loops, which it did not with the array taken out of the run
                 # (measured 94 vs 20 ms for one 16M-element encoding).
-                run = self.runs[segment[2]]
-                values = _map_run(decode, [run]) if salt is None else jax.vmap(decode)(run)
+                q = self.runs[segment[2]]
+                if _is_joined(q, self.layout.runs[segment[1]]):
+                    values = decode(q)
+                else:
+                    values = _map_run(decode, [q]) if salt is None else jax.vmap(decode)(q)
                 pieces.append(values.reshape(-1).astype(self.rest.dtype))
         return _joined(pieces, self.rest.dtype)
 
     def _run_views(self, value: jax.Array) -> list:
-        # (run, its old QuantizedArray, value's elements of the run as (count, *shape)), per quantized run.
+        # (its old QuantizedArray, whether joined, value's elements of the run in its stored shape), per quantized run.
         views = []
         for r, old in zip(self.quantized, self.runs):
             run = self.layout.runs[r]
-            view = jax.lax.slice_in_dim(value, run.offset, run.offset + run.count * run.size).reshape((run.count, *run.shape))
-            views.append((run, old, view))
+            view = jax.lax.slice_in_dim(value, run.offset, run.offset + run.count * run.size)
+            joined = _is_joined(old, run)
+            views.append((old, joined, view.reshape(old.shape if joined else (run.count, *run.shape))))
         return views
 
     def block_scales(self, value: jax.Array) -> tuple:
         """The scales each quantized run of ``value`` (the whole buffer's moment, 1-D) gets, fused with its computation."""
         scales = []
-        for _, old, view in self._run_views(value):
+        for old, joined, view in self._run_views(value):
             of = functools.partial(quantize_lib.block_scales, signed=old.signed, block_size=old.block_size, fused=True)
-            scales.append(jax.vmap(of)(view))
+            scales.append(of(view) if joined else jax.vmap(of)(view))
         return tuple(scales)
 
     def requantize(self, value: jax.Array, scales: tuple | None = None) -> QuantizedBuffer:
@@ -769,14 +811,14 @@ class QuantizedBuffer:
         ``scales`` (from :meth:`block_scales`) are used instead of computing them again.
         """
         runs = []
-        for k, (run, old, view) in enumerate(self._run_views(value)):
+        for k, (old, joined, view) in enumerate(self._run_views(value)):
             if scales is None:
                 encode = functools.partial(quantize_lib.quantize_blockwise, **old.format)
-                runs.append(_map_run(encode, [view]))
+                runs.append(encode(view) if joined else _map_run(encode, [view]))
                 continue
             encode = functools.partial(quantize_lib.encode_with_scales, **old.format)
-            codes = jax.vmap(encode)(view, scales[k])
-            runs.append(quantize_lib.QuantizedArray(codes, scales[k], run.shape, **old.format))
+            codes = encode(view, scales[k]) if joined else jax.vmap(encode)(view, scales[k])
+            runs.append(quantize_lib.QuantizedArray(codes, scales[k], old.shape, **old.format))
         rest = [
             jax.lax.slice_in_dim(value, segment[1], segment[2])
             for segment in _plan(self.layout, self.buffer, self.quantized)[0]
@@ -790,12 +832,75 @@ class QuantizedBuffer:
         segments, positions = _plan(self.layout, self.buffer, self.quantized)
         arrays = {}
         for r, q in zip(self.quantized, self.runs):
-            for position, index in enumerate(self.layout.runs[r].leaf_indices):
-                arrays[index] = _entry(q, position)
+            run = self.layout.runs[r]
+            for position, index in enumerate(run.leaf_indices):
+                arrays[index] = _joined_entry(q, run, position) if _is_joined(q, run) else _entry(q, position)
         for index, at in positions.items():
             slot = self.layout.slots[index]
             arrays[index] = jax.lax.slice_in_dim(self.rest, at, at + slot.size).reshape(slot.shape)
         return arrays
+
+
+def map_segments(step: Callable, leaves: tuple) -> Any:
+    """``step(*leaves)`` segment by segment of the packed 8-bit moments among ``leaves``, or ``None``.
+
+    For an element-wise ``step`` (each output element depends on the same element of each
+    input) whose leaves are one buffer's arrays and :class:`QuantizedBuffer` moments of one
+    segmentation (``None`` otherwise, or when nothing is quantized): ``step`` is called on
+    each segment on its own, the unquantized arrays' stretch with plain slices, a joined run
+    with its ``QuantizedArray`` and a stacked run ``vmap``-ped over its arrays, as the
+    per-array path does. Outputs that a run returns as ``QuantizedArray`` are reassembled into
+    a ``QuantizedBuffer``, the others into one 1-D buffer. The whole-buffer form decodes every
+    segment into one concatenated float32 moment, which XLA writes out (4 bytes per parameter
+    per moment) once more than one segment reads it.
+    """
+    moments = [x for x in leaves if isinstance(x, QuantizedBuffer)]
+    first = moments[0] if moments else None
+    if first is None or not first.runs:
+        return None
+
+    def segmentation(m):
+        return m.layout, m.buffer, m.quantized, tuple(q.block_size for q in m.runs)
+
+    if any(segmentation(m) != segmentation(first) for m in moments):
+        return None
+    layout, results = first.layout, []
+    for segment in _plan(layout, first.buffer, first.quantized)[0]:
+        if segment[0] == "rest":
+            _, start, stop, at = segment
+            pieces = [
+                jax.lax.slice_in_dim(x.rest, at, at + stop - start)
+                if isinstance(x, QuantizedBuffer)
+                else jax.lax.slice_in_dim(x, start, stop)
+                for x in leaves
+            ]
+            results.append((segment, step(*pieces)))
+            continue
+        _, r, k = segment
+        run = layout.runs[r]
+        joined = _is_joined(first.runs[k], run)
+        start, stop = run.offset, run.offset + run.count * run.size
+        shape = first.runs[k].shape if joined else (run.count, *run.shape)
+        pieces = [
+            x.runs[k] if isinstance(x, QuantizedBuffer) else jax.lax.slice_in_dim(x, start, stop).reshape(shape) for x in leaves
+        ]
+        results.append((segment, step(*pieces) if joined else jax.vmap(step)(*pieces)))
+    single = not isinstance(results[0][1], tuple)
+    outputs = [(segment, (out,) if single else tuple(out)) for segment, out in results]
+    assembled = []
+    for j in range(len(outputs[0][1])):
+        entries = [(segment, out[j]) for segment, out in outputs]
+        if any(isinstance(value, quantize_lib.QuantizedArray) for segment, value in entries if segment[0] == "run"):
+            rest = [value for segment, value in entries if segment[0] == "rest"]
+            rest = _joined(rest, rest[0].dtype if rest else first.rest.dtype)
+            runs = [value for segment, value in entries if segment[0] == "run"]
+            assembled.append(QuantizedBuffer(rest, runs, layout, first.buffer, first.quantized))
+        else:
+            assembled.append(_joined([jnp.reshape(value, (-1,)) for _, value in entries], entries[0][1].dtype))
+    if single:
+        return assembled[0]
+    template = results[0][1]
+    return type(template)(*assembled) if hasattr(template, "_fields") else tuple(assembled)
 
 
 def quantized_moment_full(x: Packed, value: float, storage: Any, *, signed: bool) -> Packed:
@@ -815,24 +920,31 @@ def _pack_quantized(template: Packed, per_leaf: list) -> Packed:
     for like in template.buffers:
         positions = _plan(layout, like.buffer, like.quantized)[1]
         runs = []
-        for r, batched in zip(like.quantized, like.runs):
-            arrays = [_checked_quantized(layout.slots[i], per_leaf[i], batched) for i in layout.runs[r].leaf_indices]
-            runs.append(_stacked(arrays))
+        for r, like_run in zip(like.quantized, like.runs):
+            run = layout.runs[r]
+            stacked = _stacked([_checked_quantized(layout.slots[i], per_leaf[i], like_run) for i in run.leaf_indices])
+            if _is_joined(like_run, run):
+                codes, scales = stacked.codes.reshape(like_run.codes.shape), stacked.scales.reshape(like_run.scales.shape)
+                stacked = quantize_lib.QuantizedArray(codes, scales, like_run.shape, **like_run.format)
+            runs.append(stacked)
         rest = [jnp.ravel(_checked_plain(layout.slots[i], per_leaf[i], like.rest)) for i in sorted(positions, key=positions.get)]
         rest = _joined(rest, like.rest.dtype)
         buffers.append(QuantizedBuffer(rest, runs, layout, like.buffer, like.quantized))
     return Packed(buffers, layout)
 
 
-def _checked_quantized(slot: LeafSlot, value: Any, batched: Any) -> Any:
-    def signature(q, batch=()):
-        arrays = tuple((tuple(x.shape[len(batch) :]), jnp.dtype(x.dtype)) for x in (q.codes, q.scales))
-        return (q.shape, q.signed, q.block_size, q.code, *arrays)
+def _checked_quantized(slot: LeafSlot, value: Any, template: Any) -> Any:
+    # ``template``: the run's QuantizedArray in the packed state tx.init builds (flat or stacked).
+    def signature(q):
+        return (q.shape, q.signed, q.block_size, q.code, *((tuple(x.shape), jnp.dtype(x.dtype)) for x in (q.codes, q.scales)))
 
-    if not isinstance(value, quantize_lib.QuantizedArray) or signature(value) != signature(batched, batch=(None,)):
+    codes_shape, scales_shape = quantize_lib.storage_shapes(slot.shape, template.block_size)
+    expected = (slot.shape, template.signed, template.block_size, template.code)
+    expected += ((codes_shape, jnp.dtype(jnp.uint8)), (scales_shape, jnp.dtype(jnp.float32)))
+    if not isinstance(value, quantize_lib.QuantizedArray) or signature(value) != expected:
         raise ValueError(
             f"the moment of params{slot.path} must be a QuantizedArray of shape {slot.shape} "
-            f"(signed={batched.signed}, block_size={batched.block_size}, code={batched.code!r}) as tx.init builds it, got {_describe(value)}"
+            f"(signed={template.signed}, block_size={template.block_size}, code={template.code!r}) as tx.init builds it, got {_describe(value)}"
         )
     return value
 

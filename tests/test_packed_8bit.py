@@ -48,9 +48,10 @@ OPTIMIZERS = {
 
 def _tree(key):
     # Blocks that tile (two rows of 128, rows of 256, a vector of 512; a run of two (64, 128)),
-    # blocks that do not ((3, 384) twice, a run; (1000,) with a partial last block), arrays
-    # under min_size, a scalar, and a bfloat16 array in a buffer of its own.
-    shapes = {"a": (64, 128), "b": (32, 256), "c": (512,), "d0": (3, 384), "d1": (3, 384), "e": (1000,), "f": (64, 128)}
+    # blocks that do not ((3, 384) twice, a run; (1000,) twice, a run with a partial last block
+    # in each array), arrays under min_size, a scalar, and a bfloat16 array in a buffer of its own.
+    shapes = {"a": (64, 128), "b": (32, 256), "c": (512,), "d0": (3, 384), "d1": (3, 384), "e0": (1000,), "e1": (1000,)}
+    shapes["f"] = (64, 128)
     shapes.update({"bias": (7,), "small": (10, 10), "scale": ()})
     keys = jax.random.split(key, len(shapes) + 1)
     tree = {name: jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items())}
@@ -130,6 +131,21 @@ def test_each_packed_update_gives_the_per_array_numbers(name):
         else:
             _assert_equal_up_to_rounding(gradtx.unpack_state(packed_state), new_state)
         params, state = gradtx.apply_updates(params, updates), new_state
+
+
+def test_runs_in_the_block_layout_are_joined_and_the_others_stacked():
+    # A run whose arrays' codes keep their shape is stored as their concatenation along the first
+    # axis (its codes read and written in one shape, so a donated step updates them in place,
+    # tests/test_recompute.py); the others are stacked along the run.
+    mu = gradtx.adam(1e-3, state_dtype=POLICY).init(gradtx.pack(_tree(jax.random.key(2))))[0].mu
+    stored = {tuple(q.codes.shape): (tuple(q.shape), tuple(q.scales.shape)) for b in mu.buffers for q in b.runs}
+    assert stored == {
+        (128, 128): ((128, 128), (64,)),  # "a" and "f", (64, 128) each: blocks of two rows
+        (32, 256): ((32, 256), (32, 1)),  # "b"
+        (40, 64): ((40, 64), (10,)),  # "half", in its bfloat16 buffer
+        (2, 1152): ((3, 384), (2, 5)),  # "d0" and "d1": flat layout, blocks straddle rows
+        (2, 1000): ((1000,), (2, 4)),  # "e0" and "e1": flat layout, a partial last block each
+    }
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

@@ -113,9 +113,50 @@ def _merged(values: Any, codes: Any) -> Any:
     return values
 
 
+def _map_flattened(step: Callable, leaves: tuple) -> Any:
+    """``step(*leaves)`` on the flattened leaves when the 8-bit moments among them have the flat layout, else ``None``.
+
+    An array whose blocks do not tile its trailing dimensions keeps 1-D codes
+    (:func:`gradtx.state.quantize.storage_shapes`); decoding them into the array's shape and
+    encoding the flattened result put two reshapes between the old codes and the new ones, and
+    XLA then copied both moments' codes (2 bytes per parameter). ``step`` is element-wise, so it
+    runs on 1-D views instead and its outputs are given the array's shape back.
+    """
+    moments = [x for x in leaves if isinstance(x, _quantize.QuantizedArray)]
+    shape = moments[0].shape if moments else ()
+    if len(shape) < 2 or any(q.shape != shape or jnp.ndim(q.codes) != 1 for q in moments):
+        return None
+    if any(not isinstance(x, _quantize.QuantizedArray) and jnp.shape(x) != shape for x in leaves):
+        return None
+
+    def flat(x):
+        if isinstance(x, _quantize.QuantizedArray):
+            return _quantize.QuantizedArray(x.codes, x.scales, (x.codes.shape[0],), **x.format)
+        return jnp.reshape(x, (-1,))
+
+    def restored(x):
+        if isinstance(x, _quantize.QuantizedArray):
+            return _quantize.QuantizedArray(x.codes, x.scales, shape, **x.format)
+        return jnp.reshape(x, shape)
+
+    out = step(*map(flat, leaves))
+    if not isinstance(out, tuple):
+        return restored(out)
+    restored_all = [restored(x) for x in out]
+    return type(out)(*restored_all) if hasattr(out, "_fields") else tuple(restored_all)
+
+
 def _per_leaf(fn: Callable, *leaves: Any) -> Any:
     if not any(takes_this_path(x) for x in leaves):
         return fn(*leaves)
+    from gradtx.packed import map_segments  # gradtx.packed imports gradtx.tree, which imports this module
+
+    by_segment = map_segments(lambda *pieces: _per_leaf(fn, *pieces), leaves)
+    if by_segment is not None:
+        return by_segment
+    flattened = _map_flattened(lambda *flat: _per_leaf(fn, *flat), leaves)
+    if flattened is not None:
+        return flattened
     with _running(Phase("scales")) as first:
         fn(*leaves)
     if not first.scales:  # fn stored nothing 8-bit
@@ -133,8 +174,12 @@ def _per_leaf(fn: Callable, *leaves: Any) -> Any:
 def map_moments(fn: Callable, tree: Any, *rest: Any) -> Any:
     """``jax.tree.map(fn, tree, *rest)`` for a per-leaf step that loads and stores moments.
 
-    ``fn`` must be pure and use :func:`gradtx.tree.load` / :func:`gradtx.tree.store` for its
+    ``fn`` must be pure, element-wise (each output element depends only on the same element
+    of each input) and use :func:`gradtx.tree.load` / :func:`gradtx.tree.store` for its
     moments; it returns one output or a tuple. Leaves with 8-bit moments under ``jit`` are
-    computed in three phases (module docstring); others with one call.
+    computed in three phases (module docstring); others with one call. Being element-wise lets
+    the phases run on views whose codes keep one shape from the old state to the new one, so
+    that XLA updates them in place: a packed buffer segment by segment
+    (:func:`gradtx.packed.map_segments`), an array in the flat layout on its flattening.
     """
     return jax.tree.map(lambda *leaves: _per_leaf(fn, *leaves), tree, *rest)
