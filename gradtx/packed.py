@@ -693,7 +693,7 @@ def _plan(layout: PackedLayout, buffer: int, quantized: tuple) -> tuple[tuple, d
 
 @jax.tree_util.register_pytree_with_keys_class
 class QuantizedBuffer:
-    r"""The 8-bit moment of one packed buffer, quantized array by array: the per-array ``QuantizedArray``\ s, stacked per run.
+    r"""The 8-bit moment of one packed buffer, quantized array by array: the per-array ``QuantizedArray``\ s of each run, joined or stacked.
 
     Under ``gradtx.Quantized8bit`` a moment of a :class:`Packed` tree holds one
     ``QuantizedBuffer`` per buffer. Blocks never straddle two arrays: each run of equal-shape

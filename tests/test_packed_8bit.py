@@ -1,8 +1,9 @@
 """8-bit moments on the packed layout: per-array blocks, the per-array numbers, exact state conversions.
 
 A packed 8-bit moment (``gradtx.packed.QuantizedBuffer``) stores each run of equal-shape arrays
-as the per-array ``QuantizedArray``\\ s stacked along the run, and the arrays under ``min_size``
-unquantized, so its codes and scales are those of the per-array state.
+as the per-array ``QuantizedArray``\\ s joined along their first axis (arrays whose blocks tile
+them) or stacked along the run (the others), and the arrays under ``min_size`` unquantized, so
+its codes and scales are those of the per-array state.
 
 What is compared, and why so. Given the same parameters, gradients and state, one packed update
 gives the per-array updates to ``rtol = atol = 1e-6`` (as on the float32 packed path,
