@@ -134,6 +134,25 @@ def test_each_packed_update_gives_the_per_array_numbers(name):
         params, state = gradtx.apply_updates(params, updates), new_state
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_a_buffer_of_many_segments_gives_the_per_array_numbers(name):
+    # More segments (runs of distinct shapes, and unquantized arrays between them) than XLA:CPU
+    # fuses into one concatenation: the update is assembled piece by piece in place.
+    tx = OPTIMIZERS[name]()
+    keys = jax.random.split(jax.random.key(3), 24)
+    params = {f"w{i}": jax.random.normal(keys[i], (8 + i, 128)) for i in range(12)}
+    params.update({f"b{i}": jax.random.normal(keys[12 + i], (8 + i,)) for i in range(12)})
+    layout = gradtx.packed_layout(params)
+    grads = jax.grad(_loss)(params)
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    packed_updates, packed_state = jax.jit(tx.update)(
+        gradtx.pack(grads, layout), gradtx.pack_state(tx, state, layout), gradtx.pack(params, layout)
+    )
+    _assert_close(gradtx.unpack(packed_updates), updates)
+    _assert_equal_up_to_rounding(gradtx.unpack_state(packed_state), new_state)
+
+
 def test_runs_in_the_block_layout_are_joined_and_the_others_stacked():
     # A run whose arrays' codes keep their shape is stored as their concatenation along the first
     # axis (its codes read and written in one shape, so a donated step updates them in place,
