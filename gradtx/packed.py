@@ -865,13 +865,22 @@ def map_segments(step: Callable, leaves: tuple) -> Any:
     if any(segmentation(m) != segmentation(first) for m in moments):
         return None
     layout, results = first.layout, []
+    plain = [x for x in leaves if not isinstance(x, QuantizedBuffer)]
+    zero = _opaque_zero(plain[0]) if plain else 0
+
+    def segment_of(x, start, stop):
+        # A dynamic slice at an offset XLA cannot fold: where x is a concatenation (the packed
+        # gradients of a training step), XLA rewrites a static slice at its operands' boundaries
+        # into a second concatenation of those operands, written out (4 bytes per element).
+        return jax.lax.dynamic_slice_in_dim(x, start + zero, stop - start)
+
     for segment in _plan(layout, first.buffer, first.quantized)[0]:
         if segment[0] == "rest":
             _, start, stop, at = segment
             pieces = [
                 jax.lax.slice_in_dim(x.rest, at, at + stop - start)
                 if isinstance(x, QuantizedBuffer)
-                else jax.lax.slice_in_dim(x, start, stop)
+                else segment_of(x, start, stop)
                 for x in leaves
             ]
             results.append((segment, step(*pieces)))
@@ -881,9 +890,7 @@ def map_segments(step: Callable, leaves: tuple) -> Any:
         joined = _is_joined(first.runs[k], run)
         start, stop = run.offset, run.offset + run.count * run.size
         shape = first.runs[k].shape if joined else (run.count, *run.shape)
-        pieces = [
-            x.runs[k] if isinstance(x, QuantizedBuffer) else jax.lax.slice_in_dim(x, start, stop).reshape(shape) for x in leaves
-        ]
+        pieces = [x.runs[k] if isinstance(x, QuantizedBuffer) else segment_of(x, start, stop).reshape(shape) for x in leaves]
         results.append((segment, step(*pieces) if joined else jax.vmap(step)(*pieces)))
     single = not isinstance(results[0][1], tuple)
     outputs = [(segment, (out,) if single else tuple(out)) for segment, out in results]
@@ -901,6 +908,12 @@ def map_segments(step: Callable, leaves: tuple) -> Any:
         return assembled[0]
     template = results[0][1]
     return type(template)(*assembled) if hasattr(template, "_fields") else tuple(assembled)
+
+
+def _opaque_zero(x: jax.Array) -> jax.Array:
+    """An int32 0 computed from ``x``'s first element (0 also for NaN or infinity), which XLA cannot fold into a constant."""
+    first = jnp.ravel(x)[0].astype(jnp.float32)
+    return jnp.where(jnp.isnan(first), 0.0, jnp.minimum(jnp.abs(first), 0.0)).astype(jnp.int32)
 
 
 def _written_end_to_end(pieces: list) -> jax.Array:
