@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from problems import tanh_tower
 
 import gradtx
 from gradtx.contrib.flax import make_train_step
@@ -155,16 +156,7 @@ def test_gradients_are_written_into_carried_buffers_not_temporaries():
     # A tower whose parameters dwarf its activations: were the per-array gradients
     # temporaries, they would all be alive at the concatenate (XLA:CPU allocates temporaries
     # at every call, and maps large ones anew: page faults at every step).
-    class Wide(nnx.Module):
-        def __init__(self, rngs):
-            self.layers = nnx.List([nnx.Linear(64, 64, rngs=rngs) for _ in range(8)])
-
-        def __call__(self, x):
-            for layer in self.layers:
-                x = jnp.tanh(layer(x))
-            return x
-
-    model = Wide(nnx.Rngs(0))
+    model = tanh_tower(64, 8)
     optimizer = nnx.Optimizer(model, gradtx.adamw(1e-3), wrt=nnx.Param)
     step = make_train_step(lambda m, x: jnp.mean(m(x) ** 2), packed=True)
     x = jnp.ones((2, 64))

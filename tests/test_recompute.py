@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import tanh_tower
 
 import gradtx
 from gradtx.state import recompute
@@ -102,22 +103,13 @@ def test_a_packed_nnx_training_step_holds_no_float32_copy_of_a_moment():
 
     from gradtx.contrib.flax import make_train_step
 
-    class Tower(nnx.Module):
-        def __init__(self, rngs):
-            self.layers = nnx.List([nnx.Linear(256, 256, rngs=rngs) for _ in range(8)])
-
-        def __call__(self, x):
-            for layer in self.layers:
-                x = jnp.tanh(layer(x))
-            return x
-
     def loss(model, x):
         return jnp.mean(model(x) ** 2)
 
     x = jax.random.normal(jax.random.key(0), (32, 256))
     temporaries = {}
     for name, tx in (("8-bit", OPTIMIZERS["adamw"]()), ("float32", FLOAT32["adamw"]())):
-        model = Tower(nnx.Rngs(0))
+        model = tanh_tower(256, 8)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         compiled = make_train_step(loss, packed=True).compile(model, optimizer, x)
         temporaries[name] = compiled.memory_analysis().temp_size_in_bytes
