@@ -866,6 +866,8 @@ def map_segments(step: Callable, leaves: tuple) -> Any:
         return None
     layout, results = first.layout, []
     plain = [x for x in leaves if not isinstance(x, QuantizedBuffer)]
+    if any(jnp.shape(x) != (layout.buffer_sizes[first.buffer],) for x in plain):
+        return None
     zero = _opaque_zero(plain[0]) if plain else 0
 
     def segment_of(x, start, stop):
@@ -966,7 +968,7 @@ def _pack_quantized(template: Packed, per_leaf: list) -> Packed:
 
 
 def _checked_quantized(slot: LeafSlot, value: Any, template: Any) -> Any:
-    # ``template``: the run's QuantizedArray in the packed state tx.init builds (flat or stacked).
+    # ``template``: the run's QuantizedArray in the packed state tx.init builds (joined or stacked).
     def signature(q):
         return (q.shape, q.signed, q.block_size, q.code, *((tuple(x.shape), jnp.dtype(x.dtype)) for x in (q.codes, q.scales)))
 
