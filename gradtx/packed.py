@@ -17,7 +17,8 @@ array, and the same per-array numbers. Per-array state that is not shaped like i
 (a scalar norm, a row of factored moments) is kept per run in a :class:`Stacked` node. An 8-bit
 moment (``gradtx.Quantized8bit``) is a :class:`QuantizedBuffer` per buffer: the per-array
 ``QuantizedArray``\\ s of each run, joined end to end into one ``QuantizedArray`` where each array's
-blocks tile it, else stacked; no block straddles two arrays.
+blocks tile it (several such runs merged into one flat group in buffers of many shapes), else
+stacked; no block straddles two arrays.
 """
 
 from __future__ import annotations
@@ -563,16 +564,66 @@ def _joined_shape(run: Run, block_size: int) -> tuple | None:
     return (run.count * run.shape[0], *run.shape[1:])
 
 
-def _is_joined(q: Any, run: Run) -> bool:
-    # Whether the run's QuantizedArray ``q`` is joined (else stacked), from the run and the block size alone.
-    return _joined_shape(run, q.block_size) is not None
+# A packed buffer's 8-bit moment is stored as entries (QuantizedBuffer.quantized): tuples of
+# consecutive run indices, each stored as one QuantizedArray: one run joined or stacked, or
+# several runs of the block layout merged into one flat group.
 
 
-def _joined_entry(q: Any, run: Run, position: int) -> Any:
-    """Array ``position`` of a joined run ``q``: its per-array ``QuantizedArray`` (codes and scales in their per-array shapes)."""
-    codes_shape, scales_shape = quantize_lib.storage_shapes(run.shape, q.block_size)
-    codes, scales = (x.reshape((run.count, -1))[position] for x in (q.codes, q.scales))
-    return quantize_lib.QuantizedArray(codes.reshape(codes_shape), scales.reshape(scales_shape), tuple(run.shape), **q.format)
+def _entry_span(layout: PackedLayout, entry: tuple) -> tuple[int, int]:
+    """The elements ``[start, stop)`` of the buffer that an entry's runs cover."""
+    last = layout.runs[entry[-1]]
+    return layout.runs[entry[0]].offset, last.offset + last.count * last.size
+
+
+def _stored_shape(layout: PackedLayout, entry: tuple, block_size: int) -> tuple | None:
+    """The shape of an entry's ``QuantizedArray`` when it covers its span as one array; ``None`` for a stacked run.
+
+    A flat group of runs is 1-D; a single run in the block layout is joined (:func:`_joined_shape`).
+    """
+    if len(entry) > 1:
+        start, stop = _entry_span(layout, entry)
+        return (stop - start,)
+    return _joined_shape(layout.runs[entry[0]], block_size)
+
+
+def _direct_arrays(q: Any, layout: PackedLayout, entry: tuple) -> dict:
+    """``{slot index: its per-array QuantizedArray}`` for an entry stored as one array (joined run or flat group)."""
+    codes, scales = q.codes.reshape(-1), q.scales.reshape(-1)
+    arrays, at, blocks_at = {}, 0, 0
+    for r in entry:
+        run = layout.runs[r]
+        codes_shape, scales_shape = quantize_lib.storage_shapes(run.shape, q.block_size)
+        blocks = run.size // q.block_size
+        for index in run.leaf_indices:
+            array_codes = jax.lax.slice_in_dim(codes, at, at + run.size).reshape(codes_shape)
+            array_scales = jax.lax.slice_in_dim(scales, blocks_at, blocks_at + blocks).reshape(scales_shape)
+            arrays[index] = quantize_lib.QuantizedArray(array_codes, array_scales, tuple(run.shape), **q.format)
+            at, blocks_at = at + run.size, blocks_at + blocks
+    return arrays
+
+
+def _entries(layout: PackedLayout, buffer: int, runs: tuple, block_size: int) -> tuple:
+    """How the quantized ``runs`` of a buffer are stored: one entry per run, unless that makes more segments than XLA:CPU fuses.
+
+    With more than :data:`_FUSED_CONCATENATION` segments (distinct quantized shapes, and
+    unquantized arrays between them), consecutive runs in the block layout are merged into
+    flat groups, so that the update of the buffer is assembled from fewer pieces
+    (:func:`_written_end_to_end`).
+    """
+    entries = tuple((r,) for r in runs)
+    if len(_plan(layout, buffer, entries)[0]) <= _FUSED_CONCATENATION:
+        return entries
+    mergeable = {r for r in runs if _joined_shape(layout.runs[r], block_size) is not None}
+    in_buffer = [r for r, run in enumerate(layout.runs) if run.buffer == buffer]
+    merged: list = []
+    for r in runs:
+        previous = merged[-1][-1] if merged else None
+        adjacent = previous is not None and in_buffer.index(r) == in_buffer.index(previous) + 1
+        if adjacent and r in mergeable and previous in mergeable:
+            merged[-1] = (*merged[-1], r)
+        else:
+            merged.append((r,))
+    return tuple(merged)
 
 
 def _stack_runs(per_leaf: list, layout: PackedLayout) -> Stacked:
@@ -669,17 +720,19 @@ def unpack_state(state: Any) -> Any:
 def _plan(layout: PackedLayout, buffer: int, quantized: tuple) -> tuple[tuple, dict]:
     """The buffer's segments in order, and the position in ``rest`` of each unquantized array.
 
-    Segments are ``("rest", start, stop, at)`` (consecutive unquantized arrays, at ``at`` in
-    ``rest``; the layout sorts by size, so they are usually one prefix) and ``("run", r, k)``
-    (run ``r`` of ``layout.runs``, the ``k``-th quantized one).
+    ``quantized`` are the entries (tuples of run indices, :func:`_entries`). Segments are
+    ``("rest", start, stop, at)`` (consecutive unquantized arrays, at ``at`` in ``rest``; the
+    layout sorts by size, so they are usually one prefix) and ``("run", k)`` (entry ``k``).
     """
     segments: list = []
     positions: dict = {}
+    entry_of = {r: k for k, entry in enumerate(quantized) for r in entry}
     for r, run in enumerate(layout.runs):
         if run.buffer != buffer:
             continue
-        if r in quantized:
-            segments.append(("run", r, quantized.index(r)))
+        if r in entry_of:
+            if quantized[entry_of[r]][0] == r:
+                segments.append(("run", entry_of[r]))
             continue
         at = sum(s[2] - s[1] for s in segments if s[0] == "rest")
         positions.update({i: at + layout.slots[i].offset - run.offset for i in run.leaf_indices})
@@ -705,9 +758,13 @@ class QuantizedBuffer:
       concatenated along their first axis, one ``QuantizedArray`` of shape
       ``(count * shape[0], *shape[1:])`` whose blocks are the per-array blocks in order;
     - otherwise *stacked*: batched along the run (codes ``(count, *codes_shape)``, scales
-      ``(count, *scales_shape)``, the array's shape as metadata), re-quantized with ``vmap``.
+      ``(count, *scales_shape)``, the array's shape as metadata), re-quantized with ``vmap``;
+    - where one entry per run would split the buffer into more segments than XLA:CPU fuses
+      into one concatenation (8), consecutive runs in the block layout are merged into one
+      *flat group*: a 1-D ``QuantizedArray`` over their stretch of the buffer, whose blocks are
+      still the per-array blocks (every array's size is a multiple of the block size).
 
-    The arrays the policy leaves unquantized (under ``min_size``) are one 1-D ``rest`` array
+    ``quantized`` lists the entries, each a tuple of run indices. The arrays the policy leaves unquantized (under ``min_size``) are one 1-D ``rest`` array
     in at least float32. Loading gives the whole buffer in float32, so element-wise building
     blocks update it as one array. The numbers and the bytes are those of the per-array
     state, and :func:`pack_state` / :func:`unpack_state` convert exactly.
@@ -729,11 +786,12 @@ class QuantizedBuffer:
         self.runs = tuple(runs)
         self.layout = layout
         self.buffer = buffer
-        self.quantized = quantized  # indices into layout.runs of the runs stored in 8 bits
+        self.quantized = quantized  # entries: tuples of indices into layout.runs, one per QuantizedArray in runs
 
     def tree_flatten_with_keys(self):
         children = [(jax.tree_util.GetAttrKey("rest"), self.rest)]
-        children += [(jax.tree_util.GetAttrKey(f"run_{r}"), q) for r, q in zip(self.quantized, self.runs)]
+        keys = [f"run_{e[0]}" if len(e) == 1 else f"runs_{e[0]}_to_{e[-1]}" for e in self.quantized]
+        children += [(jax.tree_util.GetAttrKey(key), q) for key, q in zip(keys, self.runs)]
         return children, (self.layout, self.buffer, self.quantized)
 
     @classmethod
@@ -747,21 +805,20 @@ class QuantizedBuffer:
     def full(cls, like: Any, layout: PackedLayout, buffer: int, value: float, storage: Any, signed: bool) -> QuantizedBuffer:
         """Buffer ``buffer``'s moment (``like`` is the buffer or its struct) filled with ``value >= 0``, exactly as per array."""
         dtype = jnp.dtype(like.dtype)
-        quantized = tuple(
+        runs_8bit = tuple(
             r
             for r, run in enumerate(layout.runs)
             if run.buffer == buffer and storage.applies_to(jax.ShapeDtypeStruct(run.shape, dtype))
         )
+        quantized = _entries(layout, buffer, runs_8bit, storage.block_size)
+        fill = functools.partial(quantize_lib.full, value=value, signed=signed, block_size=storage.block_size, code=storage.code)
         runs = []
-        for r in quantized:
-            run = layout.runs[r]
-            fill = functools.partial(
-                quantize_lib.full, value=value, signed=signed, block_size=storage.block_size, code=storage.code
-            )
-            joined = _joined_shape(run, storage.block_size)
-            if joined is not None:
-                runs.append(fill(joined))
+        for entry in quantized:
+            shape = _stored_shape(layout, entry, storage.block_size)
+            if shape is not None:
+                runs.append(fill(shape))
             else:
+                run = layout.runs[entry[0]]
                 runs.append(jax.tree.map(lambda x, n=run.count: jnp.broadcast_to(x, (n, *x.shape)), fill(run.shape)))
         rest_size = sum(s[2] - s[1] for s in _plan(layout, buffer, quantized)[0] if s[0] == "rest")
         rest = jnp.full((rest_size,), value, jnp.promote_types(dtype, jnp.float32))
@@ -779,8 +836,8 @@ class QuantizedBuffer:
                 # The recomputation (salt given) vmaps also over a run of one array: XLA:CPU then
                 # vectorizes its loops, which it did not with the array taken out of the run
                 # (measured 94 vs 20 ms for one 16M-element encoding).
-                q = self.runs[segment[2]]
-                if _is_joined(q, self.layout.runs[segment[1]]):
+                q = self.runs[segment[1]]
+                if _stored_shape(self.layout, self.quantized[segment[1]], q.block_size) is not None:
                     values = decode(q)
                 else:
                     values = _map_run(decode, [q]) if salt is None else jax.vmap(decode)(q)
@@ -788,13 +845,13 @@ class QuantizedBuffer:
         return _joined(pieces, self.rest.dtype)
 
     def _run_views(self, value: jax.Array) -> list:
-        # (its old QuantizedArray, whether joined, value's elements of the run in its stored shape), per quantized run.
+        # (its old QuantizedArray, whether it is one array (not stacked), value's elements of it in its stored shape), per entry.
         views = []
-        for r, old in zip(self.quantized, self.runs):
-            run = self.layout.runs[r]
-            view = jax.lax.slice_in_dim(value, run.offset, run.offset + run.count * run.size)
-            joined = _is_joined(old, run)
-            views.append((old, joined, view.reshape(old.shape if joined else (run.count, *run.shape))))
+        for entry, old in zip(self.quantized, self.runs):
+            view = jax.lax.slice_in_dim(value, *_entry_span(self.layout, entry))
+            direct = _stored_shape(self.layout, entry, old.block_size) is not None
+            run = self.layout.runs[entry[0]]
+            views.append((old, direct, view.reshape(old.shape if direct else (run.count, *run.shape))))
         return views
 
     def block_scales(self, value: jax.Array) -> tuple:
@@ -831,10 +888,12 @@ class QuantizedBuffer:
         """``{slot index: the array's moment}``, a ``QuantizedArray`` or an unquantized array, as ``tx.init`` builds per array."""
         segments, positions = _plan(self.layout, self.buffer, self.quantized)
         arrays = {}
-        for r, q in zip(self.quantized, self.runs):
-            run = self.layout.runs[r]
-            for position, index in enumerate(run.leaf_indices):
-                arrays[index] = _joined_entry(q, run, position) if _is_joined(q, run) else _entry(q, position)
+        for entry, q in zip(self.quantized, self.runs):
+            if _stored_shape(self.layout, entry, q.block_size) is not None:
+                arrays.update(_direct_arrays(q, self.layout, entry))
+                continue
+            for position, index in enumerate(self.layout.runs[entry[0]].leaf_indices):
+                arrays[index] = _entry(q, position)
         for index, at in positions.items():
             slot = self.layout.slots[index]
             arrays[index] = jax.lax.slice_in_dim(self.rest, at, at + slot.size).reshape(slot.shape)
@@ -887,10 +946,10 @@ def map_segments(step: Callable, leaves: tuple) -> Any:
             ]
             results.append((segment, step(*pieces)))
             continue
-        _, r, k = segment
-        run = layout.runs[r]
-        joined = _is_joined(first.runs[k], run)
-        start, stop = run.offset, run.offset + run.count * run.size
+        k = segment[1]
+        entry, run = first.quantized[k], layout.runs[first.quantized[k][0]]
+        joined = _stored_shape(layout, entry, first.runs[k].block_size) is not None
+        start, stop = _entry_span(layout, entry)
         shape = first.runs[k].shape if joined else (run.count, *run.shape)
         pieces = [x.runs[k] if isinstance(x, QuantizedBuffer) else segment_of(x, start, stop).reshape(shape) for x in leaves]
         results.append((segment, step(*pieces) if joined else jax.vmap(step)(*pieces)))
@@ -918,6 +977,9 @@ def _opaque_zero(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(first), 0.0, jnp.minimum(jnp.abs(first), 0.0)).astype(jnp.int32)
 
 
+_FUSED_CONCATENATION = 8  # XLA:CPU fuses a concatenation of at most this many pieces into its consumer
+
+
 def _written_end_to_end(pieces: list) -> jax.Array:
     """The 1-D ``pieces`` end to end, as XLA:CPU best fuses them with their producers and consumers.
 
@@ -928,7 +990,7 @@ def _written_end_to_end(pieces: list) -> jax.Array:
     Measured on a buffer of 17 segments (24.7M parameters, 8-bit AdamW, 2-core CPU): 96 instead
     of 189 MiB of temporaries, 97 instead of 134 ms per step.
     """
-    if len(pieces) <= 8:
+    if len(pieces) <= _FUSED_CONCATENATION:
         return _joined(pieces, pieces[0].dtype)
     out, at = jnp.empty((sum(x.shape[0] for x in pieces),), pieces[0].dtype), 0
     for piece in pieces:
@@ -954,13 +1016,15 @@ def _pack_quantized(template: Packed, per_leaf: list) -> Packed:
     for like in template.buffers:
         positions = _plan(layout, like.buffer, like.quantized)[1]
         runs = []
-        for r, like_run in zip(like.quantized, like.runs):
-            run = layout.runs[r]
-            stacked = _stacked([_checked_quantized(layout.slots[i], per_leaf[i], like_run) for i in run.leaf_indices])
-            if _is_joined(like_run, run):
-                codes, scales = stacked.codes.reshape(like_run.codes.shape), stacked.scales.reshape(like_run.scales.shape)
-                stacked = quantize_lib.QuantizedArray(codes, scales, like_run.shape, **like_run.format)
-            runs.append(stacked)
+        for entry, like_run in zip(like.quantized, like.runs):
+            indices = [i for r in entry for i in layout.runs[r].leaf_indices]
+            arrays = [_checked_quantized(layout.slots[i], per_leaf[i], like_run) for i in indices]
+            if _stored_shape(layout, entry, like_run.block_size) is None:
+                runs.append(_stacked(arrays))
+                continue
+            codes, scales = (jnp.concatenate([jnp.ravel(x) for x in xs]) for xs in zip(*((a.codes, a.scales) for a in arrays)))
+            codes, scales = codes.reshape(like_run.codes.shape), scales.reshape(like_run.scales.shape)
+            runs.append(quantize_lib.QuantizedArray(codes, scales, like_run.shape, **like_run.format))
         rest = [jnp.ravel(_checked_plain(layout.slots[i], per_leaf[i], like.rest)) for i in sorted(positions, key=positions.get)]
         rest = _joined(rest, like.rest.dtype)
         buffers.append(QuantizedBuffer(rest, runs, layout, like.buffer, like.quantized))

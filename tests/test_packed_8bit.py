@@ -134,23 +134,39 @@ def test_each_packed_update_gives_the_per_array_numbers(name):
         params, state = gradtx.apply_updates(params, updates), new_state
 
 
+def _many_shapes(key, interleaved):
+    # Twelve quantized shapes, and biases under min_size. Consecutive: all in the block layout
+    # (an even number of 128-rows), merged into one flat group. Interleaved: every other one in
+    # the flat layout (an odd number of rows), so nothing merges and the segments stay 13.
+    rows = [8 + i for i in range(12)] if interleaved else [8 + 2 * i for i in range(12)]
+    keys = jax.random.split(key, 24)
+    params = {f"w{i:02d}": jax.random.normal(keys[i], (r, 128)) for i, r in enumerate(rows)}
+    params.update({f"b{i:02d}": jax.random.normal(keys[12 + i], (r,)) for i, r in enumerate(rows)})
+    return params
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["merged", "interleaved"])
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
-def test_a_buffer_of_many_segments_gives_the_per_array_numbers(name):
-    # More segments (runs of distinct shapes, and unquantized arrays between them) than XLA:CPU
-    # fuses into one concatenation: the update is assembled piece by piece in place.
+def test_a_buffer_of_many_segments_gives_the_per_array_numbers(name, interleaved):
+    # More segments (runs of distinct shapes, unquantized arrays between them) than XLA:CPU
+    # fuses into one concatenation: consecutive block-layout runs are stored as one flat group,
+    # and where they cannot be, the update is assembled piece by piece in place.
     tx = OPTIMIZERS[name]()
-    keys = jax.random.split(jax.random.key(3), 24)
-    params = {f"w{i}": jax.random.normal(keys[i], (8 + i, 128)) for i in range(12)}
-    params.update({f"b{i}": jax.random.normal(keys[12 + i], (8 + i,)) for i in range(12)})
+    params = _many_shapes(jax.random.key(3), interleaved)
     layout = gradtx.packed_layout(params)
     grads = jax.grad(_loss)(params)
     state = tx.init(params)
+    moment = [x for x in jax.tree.leaves(tx.init(gradtx.pack(params)), is_leaf=_is_buffer) if _is_buffer(x)][0]
+    kinds = ["stacked" if q.codes.shape != q.shape else "joined" if q.codes.ndim > 1 else "flat group" for q in moment.runs]
+    assert kinds == (["joined", "stacked"] * 6 if interleaved else ["flat group"]), kinds
     updates, new_state = jax.jit(tx.update)(grads, state, params)
     packed_updates, packed_state = jax.jit(tx.update)(
         gradtx.pack(grads, layout), gradtx.pack_state(tx, state, layout), gradtx.pack(params, layout)
     )
     _assert_close(gradtx.unpack(packed_updates), updates)
     _assert_equal_up_to_rounding(gradtx.unpack_state(packed_state), new_state)
+    # Exact conversions both ways, through the flat group too.
+    _assert_identical(gradtx.unpack_state(gradtx.pack_state(tx, new_state, layout)), new_state)
 
 
 def test_runs_in_the_block_layout_are_joined_and_the_others_stacked():
