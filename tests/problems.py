@@ -52,7 +52,7 @@ def mlp_regression():
     """A 4-32-32-1 tanh MLP regression on fixed data: (params, loss(params))."""
     rng = np.random.default_rng(42)
     x = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
-    y = jnp.sin(x @ jnp.asarray([1.0, -2.0, 0.5, 1.5]))[:, None]
+    y = jnp.sin(x @ jnp.asarray([1.0, -2.0, 0.5, 1.5])) [:, None]
     sizes = [4, 32, 32, 1]
     params = [
         {"kernel": jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), jnp.float32), "bias": jnp.zeros(n, jnp.float32)}
@@ -93,19 +93,3 @@ def assert_relative_close(actual, expected, tolerance=1e-5):
         assert difference <= tolerance, f"{jax.tree_util.keystr(path)}: relative difference {difference:.2e} > {tolerance:g}"
 
     jax.tree_util.tree_map_with_path(check, actual, expected)
-
-
-def tanh_tower(width: int, depth: int, seed: int = 0):
-    """A Flax NNX model of ``depth`` ``Linear(width, width)`` layers, each followed by ``tanh`` (2 * depth arrays)."""
-    from flax import nnx
-
-    class TanhTower(nnx.Module):
-        def __init__(self, rngs):
-            self.layers = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(depth)])
-
-        def __call__(self, x):
-            for layer in self.layers:
-                x = jnp.tanh(layer(x))
-            return x
-
-    return TanhTower(nnx.Rngs(seed))

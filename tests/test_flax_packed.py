@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from problems import tanh_tower
 
 import gradtx
+from gradtx.bench.e2e import _tower
 from gradtx.contrib.flax import make_train_step
 from gradtx.packed import slice_offsets
 
@@ -156,7 +156,7 @@ def test_gradients_are_written_into_carried_buffers_not_temporaries():
     # A tower whose parameters dwarf its activations: were the per-array gradients
     # temporaries, they would all be alive at the concatenate (XLA:CPU allocates temporaries
     # at every call, and maps large ones anew: page faults at every step).
-    model = tanh_tower(64, 8)
+    model = _tower(8, 0, width=64)
     optimizer = nnx.Optimizer(model, gradtx.adamw(1e-3), wrt=nnx.Param)
     step = make_train_step(lambda m, x: jnp.mean(m(x) ** 2), packed=True)
     x = jnp.ones((2, 64))

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from problems import tanh_tower
 
 import gradtx
+from gradtx.bench.e2e import _tower
 from gradtx.state import recompute
 
 SIZE = 1 << 20  # one array of 1M elements: a float32 copy of it is 4 MiB
@@ -109,7 +109,7 @@ def test_a_packed_nnx_training_step_holds_no_float32_copy_of_a_moment():
     x = jax.random.normal(jax.random.key(0), (32, 256))
     temporaries = {}
     for name, tx in (("8-bit", OPTIMIZERS["adamw"]()), ("float32", FLOAT32["adamw"]())):
-        model = tanh_tower(256, 8)
+        model = _tower(8, 0, width=256)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         compiled = make_train_step(loss, packed=True).compile(model, optimizer, x)
         temporaries[name] = compiled.memory_analysis().temp_size_in_bytes

@@ -22,12 +22,13 @@ WIDTH = 128
 BATCH = 32
 
 
-def _tower(layers: int, seed: int):
+def _tower(layers: int, seed: int, width: int = WIDTH):
+    # ``layers`` Linear(width, width) layers, each followed by tanh: 2 * layers parameter arrays.
     from flax import nnx
 
     class Tower(nnx.Module):
         def __init__(self, rngs):
-            self.layers = nnx.List([nnx.Linear(WIDTH, WIDTH, rngs=rngs) for _ in range(layers)])
+            self.layers = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(layers)])
 
         def __call__(self, x):
             for layer in self.layers:
