@@ -35,6 +35,7 @@ import numpy as np
 from gradtx import tree as tree_lib
 from gradtx.base import elementwise
 from gradtx.state import quantize as quantize_lib
+from gradtx.state import recompute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -837,21 +838,26 @@ class QuantizedBuffer:
                 # vectorizes its loops, which it did not with the array taken out of the run
                 # (measured 94 vs 20 ms for one 16M-element encoding).
                 q = self.runs[segment[1]]
-                if _stored_shape(self.layout, self.quantized[segment[1]], q.block_size) is not None:
+                if self._entry_view(segment[1])[2]:
                     values = decode(q)
                 else:
                     values = _map_run(decode, [q]) if salt is None else jax.vmap(decode)(q)
                 pieces.append(values.reshape(-1).astype(self.rest.dtype))
         return _joined(pieces, self.rest.dtype)
 
+    def _entry_view(self, k: int) -> tuple[int, int, bool, tuple]:
+        """Entry ``k``'s span ``(start, stop)`` of the buffer, whether it is stored as one array (not stacked), and its values' shape."""
+        entry, q = self.quantized[k], self.runs[k]
+        direct = _stored_shape(self.layout, entry, q.block_size) is not None
+        run = self.layout.runs[entry[0]]
+        return (*_entry_span(self.layout, entry), direct, q.shape if direct else (run.count, *run.shape))
+
     def _run_views(self, value: jax.Array) -> list:
         # (its old QuantizedArray, whether it is one array (not stacked), value's elements of it in its stored shape), per entry.
         views = []
-        for entry, old in zip(self.quantized, self.runs):
-            view = jax.lax.slice_in_dim(value, *_entry_span(self.layout, entry))
-            direct = _stored_shape(self.layout, entry, old.block_size) is not None
-            run = self.layout.runs[entry[0]]
-            views.append((old, direct, view.reshape(old.shape if direct else (run.count, *run.shape))))
+        for k, old in enumerate(self.runs):
+            start, stop, direct, shape = self._entry_view(k)
+            views.append((old, direct, jax.lax.slice_in_dim(value, start, stop).reshape(shape)))
         return views
 
     def block_scales(self, value: jax.Array) -> tuple:
@@ -927,7 +933,8 @@ def map_segments(step: Callable, leaves: tuple) -> Any:
     plain = [x for x in leaves if not isinstance(x, QuantizedBuffer)]
     if any(jnp.shape(x) != (layout.buffer_sizes[first.buffer],) for x in plain):
         return None
-    zero = _opaque_zero(plain[0]) if plain else 0
+    # An int32 0 XLA cannot fold, from the first plain leaf's first element.
+    zero = recompute.hidden_zero(plain[0], 0).astype(jnp.int32) if plain else 0
 
     def segment_of(x, start, stop):
         # A dynamic slice at an offset XLA cannot fold: where x is a concatenation (the packed
@@ -947,12 +954,9 @@ def map_segments(step: Callable, leaves: tuple) -> Any:
             results.append((segment, step(*pieces)))
             continue
         k = segment[1]
-        entry, run = first.quantized[k], layout.runs[first.quantized[k][0]]
-        joined = _stored_shape(layout, entry, first.runs[k].block_size) is not None
-        start, stop = _entry_span(layout, entry)
-        shape = first.runs[k].shape if joined else (run.count, *run.shape)
+        start, stop, direct, shape = first._entry_view(k)
         pieces = [x.runs[k] if isinstance(x, QuantizedBuffer) else segment_of(x, start, stop).reshape(shape) for x in leaves]
-        results.append((segment, step(*pieces) if joined else jax.vmap(step)(*pieces)))
+        results.append((segment, step(*pieces) if direct else jax.vmap(step)(*pieces)))
     single = not isinstance(results[0][1], tuple)
     outputs = [(segment, (out,) if single else tuple(out)) for segment, out in results]
     assembled = []
@@ -965,16 +969,7 @@ def map_segments(step: Callable, leaves: tuple) -> Any:
             assembled.append(QuantizedBuffer(rest, runs, layout, first.buffer, first.quantized))
         else:
             assembled.append(_written_end_to_end([jnp.reshape(value, (-1,)) for _, value in entries]))
-    if single:
-        return assembled[0]
-    template = results[0][1]
-    return type(template)(*assembled) if hasattr(template, "_fields") else tuple(assembled)
-
-
-def _opaque_zero(x: jax.Array) -> jax.Array:
-    """An int32 0 computed from ``x``'s first element (0 also for NaN or infinity), which XLA cannot fold into a constant."""
-    first = jnp.ravel(x)[0].astype(jnp.float32)
-    return jnp.where(jnp.isnan(first), 0.0, jnp.minimum(jnp.abs(first), 0.0)).astype(jnp.int32)
+    return assembled[0] if single else recompute.tuple_like(results[0][1], assembled)
 
 
 _FUSED_CONCATENATION = 8  # XLA:CPU fuses a concatenation of at most this many pieces into its consumer

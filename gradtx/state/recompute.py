@@ -98,18 +98,22 @@ def takes_this_path(x: Any) -> bool:
     return bool(codes) and all(isinstance(c, jax.core.Tracer) for c in codes) and jax.device_count() == 1
 
 
-def _hidden_zero(x: jax.Array, index: int) -> jax.Array:
-    """A float32 scalar 0 computed from element ``index`` of ``x`` (0 also for NaN or infinity)."""
+def hidden_zero(x: jax.Array, index: int) -> jax.Array:
+    """A float32 scalar 0 computed from element ``index`` of ``x`` (0 also for NaN or infinity), which XLA cannot fold."""
     element = jnp.asarray(x, jnp.float32).reshape(-1)[index]
     return jnp.where(jnp.isnan(element), 0.0, jnp.minimum(jnp.abs(element), 0.0))
+
+
+def tuple_like(template: tuple, values: Any) -> tuple:
+    """``values`` as a tuple of ``template``'s type (a named tuple or a plain one)."""
+    return type(template)(*values) if hasattr(template, "_fields") else tuple(values)
 
 
 def _merged(values: Any, codes: Any) -> Any:
     if values is PENDING:
         return codes
     if isinstance(values, tuple):
-        merged = [_merged(v, c) for v, c in zip(values, codes)]
-        return type(values)(*merged) if hasattr(values, "_fields") else tuple(merged)
+        return tuple_like(values, [_merged(v, c) for v, c in zip(values, codes)])
     return values
 
 
@@ -140,10 +144,7 @@ def _map_flattened(step: Callable, leaves: tuple) -> Any:
         return jnp.reshape(x, shape)
 
     out = step(*map(flat, leaves))
-    if not isinstance(out, tuple):
-        return restored(out)
-    restored_all = [restored(x) for x in out]
-    return type(out)(*restored_all) if hasattr(out, "_fields") else tuple(restored_all)
+    return tuple_like(out, map(restored, out)) if isinstance(out, tuple) else restored(out)
 
 
 def _per_leaf(fn: Callable, *leaves: Any) -> Any:
@@ -164,9 +165,9 @@ def _per_leaf(fn: Callable, *leaves: Any) -> Any:
     # Zeros from two different elements of the first block maxima: distinct expressions, so the
     # phases' decodings are not merged. (Not from the update: reading it would write it out.)
     reference = jax.tree.leaves(first.scales)[0]  # a QuantizedBuffer records a tuple of scales
-    with _running(Phase("values", salt=_hidden_zero(reference, 0))):
+    with _running(Phase("values", salt=hidden_zero(reference, 0))):
         values = fn(*leaves)
-    with _running(Phase("codes", salt=_hidden_zero(reference, -1), scales=first.scales)):
+    with _running(Phase("codes", salt=hidden_zero(reference, -1), scales=first.scales)):
         codes = fn(*leaves)
     return _merged(values, codes)
 
