@@ -160,6 +160,19 @@ def test_novograd_keeps_one_layer_norm_per_array_when_packed():
         np.testing.assert_allclose(np.float32(nu[index]), np.float32(expected), rtol=RTOL)
 
 
+def test_per_element_repeats_each_arrays_value_over_its_elements():
+    # Runs of two shapes in one buffer, another dtype in a second buffer, and a plain leaf beside.
+    tree = [1.0 * jnp.ones((2, 3)), 2.0 * jnp.ones((4,)), 3.0 * jnp.ones((2, 3)), 4.0 * jnp.ones((5,), jnp.bfloat16)]
+    packed = gradtx.pack(tree)
+    values = gradtx.map_arrays(lambda x: jnp.max(x.astype(jnp.float32)), packed, kinds=("stacked",))
+    expanded = gradtx.packed.per_element(values, packed)
+    for got, want in zip(gradtx.unpack(expanded), tree, strict=True):
+        np.testing.assert_array_equal(got, want.astype(jnp.float32))
+    mixed = {"packed": packed, "plain": jnp.ones(3)}
+    same = gradtx.packed.per_element({"packed": values, "plain": jnp.float32(7.0)}, mixed)
+    assert float(same["plain"]) == 7.0 and gradtx.packed.is_packed(same["packed"])
+
+
 def test_adafactor_factors_each_array_when_packed():
     params = {"a": jnp.ones((130, 129)), "b": 2 * jnp.ones((130, 129)), "c": jnp.ones((3, 5))}
     grads = jax.tree.map(lambda p: p * jnp.arange(p.shape[1]), params)

@@ -112,21 +112,26 @@ def scale_by_novograd(
         first_step = count == 1
         decay = tree.resolve(weight_decay, state.count)
 
-        def per_leaf(g, m_prev, v_prev, p):
-            g_wide = tree.at_least_float32(g)
-            squared_norm = jnp.linalg.norm(g_wide) ** 2
-            v = jnp.where(first_step, squared_norm, (1 - b2) * squared_norm + b2 * tree.real_at_least_float32(v_prev))
-            d = g_wide / (jnp.sqrt(v + eps_root) + eps) + decay * tree.at_least_float32(p)
-            m = jnp.where(first_step, d, b1 * m_prev + d)
-            return m.astype(g.dtype), m, v.astype(v_prev.dtype)
+        # The layer norms and second moments per array (on packed updates one Stacked array per
+        # run); the momentum element-wise, on whole buffers where the updates are packed
+        # (gradtx.packed.per_element). m is loaded (dequantized) and stored outside both maps: a
+        # packed 8-bit moment (a QuantizedBuffer of per-run codes and scales) has no per-array view.
+        def second_moment(g, v_prev):
+            squared_norm = jnp.linalg.norm(tree.at_least_float32(g)) ** 2
+            return jnp.where(first_step, squared_norm, (1 - b2) * squared_norm + b2 * tree.real_at_least_float32(v_prev))
 
-        # The layer norm stays per array on packed updates: nu is then Stacked, one array per run.
-        # m is loaded (dequantized) and stored outside the per-array map: a packed 8-bit moment
-        # (a QuantizedBuffer of per-run codes and scales) has no per-array view to map over.
-        kinds = ("packed", "packed", "stacked")
+        v = packed.map_arrays(second_moment, updates, state.nu, kinds=("stacked",), owner=owner)
+        denominator = packed.per_element(jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, v), updates)
+
+        def momentum(g, m_prev, p, denominator):
+            d = tree.at_least_float32(g) / denominator + decay * tree.at_least_float32(p)
+            m = jnp.where(first_step, d, b1 * m_prev + d)
+            return m.astype(g.dtype), m
+
         mu_wide = jax.tree.map(tree.load, state.mu, is_leaf=tree.is_quantized)
-        updates, mu, nu = packed.map_arrays(per_leaf, updates, mu_wide, state.nu, params, n_out=3, kinds=kinds, owner=owner)
+        updates, mu = tree.unzip(jax.tree.map(momentum, updates, mu_wide, params, denominator), updates, 2)
         mu = jax.tree.map(tree.store, mu, state.mu)
+        nu = jax.tree.map(lambda v, v_prev: v.astype(v_prev.dtype), v, state.nu)
         return updates, ScaleByNovogradState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
