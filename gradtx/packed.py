@@ -462,15 +462,11 @@ def per_element(values: Any, like: Any) -> Any:
     def expand(x: Any, value: Any) -> Any:
         if not is_packed(x):
             return value
-        buffers = []
-        for buffer in range(len(x.layout.buffer_dtypes)):
-            pieces = [
-                jnp.broadcast_to(value.arrays[r][:, None], (run.count, run.size)).reshape(-1)
-                for r, run in enumerate(x.layout.runs)
-                if run.buffer == buffer
-            ]
-            buffers.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces))
-        return Packed(buffers, x.layout)
+        runs = x.layout.runs
+        repeated = [
+            jnp.broadcast_to(v.reshape(-1, *(1,) * len(r.shape)), (r.count, *r.shape)) for r, v in zip(runs, value.arrays)
+        ]
+        return _assemble(repeated, "packed", x.layout, "per_element")
 
     return jax.tree.map(expand, like, values, is_leaf=is_packed)
 
